@@ -1,0 +1,68 @@
+"""Numba flags, thread count and CPU-feature-based kernel selection, in one place.
+
+Every numba function in `qlinear.runtime.kernels` takes its flags from here so that
+caching, fastmath and parallelism are decided once. Integer paths never use fastmath:
+results must be bit-exact.
+
+Kernel selection: the VNNI micro-kernel asks LLVM for `vpdpbusd`, which aborts the
+whole process on a CPU without AVX512-VNNI. `host_has_vnni()` reads the host features
+from llvmlite *before* anything is compiled; the intrinsic in `vnni.py` only emits
+the instruction when this says yes (otherwise it emits plain vector IR), and the
+kernels only run the VNNI micro-kernel when `use_vnni()` is true.
+
+Environment: ``QLINEAR_KERNELS=portable`` forces the portable (plain numba loop)
+micro-kernel; ``QLINEAR_KERNELS=vnni`` insists on VNNI (error if the CPU lacks it);
+unset or ``auto`` picks VNNI when available.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numba
+from llvmlite import binding as llvm
+
+#: Flags for integer kernels: cached on disk, no fastmath (bit-exact), nogil.
+JIT = {"nopython": True, "cache": True, "fastmath": False, "nogil": True}
+#: Same, parallel over prange loops (both cores).
+JIT_PARALLEL = {**JIT, "parallel": True}
+
+KERNEL_CHOICES = ("auto", "vnni", "portable")
+
+
+@functools.cache
+def host_cpu_features() -> frozenset[str]:
+    """Enabled features of the host CPU as LLVM names them (e.g. 'avx512vnni')."""
+    flat = llvm.get_host_cpu_features().flatten()
+    return frozenset(f[1:] for f in flat.split(",") if f.startswith("+"))
+
+
+def host_has_vnni() -> bool:
+    """True when the CPU executes 512-bit vpdpbusd (AVX512-VNNI)."""
+    feats = host_cpu_features()
+    return "avx512vnni" in feats and "avx512bw" in feats and "avx512f" in feats
+
+
+def kernel_choice(override: str | None = None) -> str:
+    """The requested micro-kernel family: explicit override, else $QLINEAR_KERNELS, else auto."""
+    choice = (override or os.environ.get("QLINEAR_KERNELS", "auto")).strip().lower()
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"QLINEAR_KERNELS must be one of {KERNEL_CHOICES}, got {choice!r}")
+    return choice
+
+
+def use_vnni(override: str | None = None) -> bool:
+    """Whether to run the VNNI micro-kernel (decided from CPU features, never by trying)."""
+    choice = kernel_choice(override)
+    if choice == "portable":
+        return False
+    if choice == "vnni" and not host_has_vnni():
+        raise RuntimeError("QLINEAR_KERNELS=vnni but this CPU has no AVX512-VNNI")
+    return host_has_vnni()
+
+
+def set_num_threads(n: int) -> None:
+    """Use n threads for the calling thread's parallel kernels (0 = all numba threads)."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(limit if n <= 0 else max(1, min(n, limit)))

@@ -1,0 +1,56 @@
+"""The one requantization (and int32 -> float32) arithmetic shared by every quantized op.
+
+ORT (MLAS) requantizes as ``y = saturate(rint(float32(acc) * mult) + y_zp)`` with
+``mult = float32(float32(x_scale * w_scale[n]) / y_scale)``, clamping in float before
+rounding half-to-even. We do the same operations in the same order so that results
+are bit-exact. The scalar helpers are inlined into the GEMM/conv epilogues.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from qlinear.runtime.kernels.config import JIT
+
+#: Epilogue modes understood by the GEMM and convolution drivers.
+OUT_INT32 = 0
+OUT_QUANTIZED = 1
+OUT_FLOAT = 2
+
+
+def output_multiplier(x_scale: np.ndarray, w_scale: np.ndarray, y_scale: np.ndarray,
+                      n: int) -> np.ndarray:
+    """float32(x_scale * w_scale[n] / y_scale), in float32 and in ORT's order, per column."""
+    xs = np.float32(np.asarray(x_scale, np.float32).reshape(-1)[0])
+    ys = np.float32(np.asarray(y_scale, np.float32).reshape(-1)[0])
+    ws = np.broadcast_to(np.asarray(w_scale, np.float32).reshape(-1), (n,))
+    return np.ascontiguousarray((xs * ws) / ys, dtype=np.float32)
+
+
+def float_scale(a_scale: np.ndarray, b_scale: np.ndarray, n: int) -> np.ndarray:
+    """float32(a_scale * b_scale[n]): the int8 -> float32 output scale per column."""
+    a = np.float32(np.asarray(a_scale, np.float32).reshape(-1)[0])
+    b = np.broadcast_to(np.asarray(b_scale, np.float32).reshape(-1), (n,))
+    return np.ascontiguousarray(a * b, dtype=np.float32)
+
+
+@njit(inline="always", **JIT)
+def requantize_value(acc: np.int32, mult: np.float32, y_zp: np.int32,
+                     lo: np.float32, hi: np.float32) -> np.int32:
+    """saturate(rint(float32(acc) * mult) + y_zp); lo/hi are (qmin - y_zp, qmax - y_zp)."""
+    v = np.float32(acc) * mult
+    v = min(max(v, lo), hi)
+    return np.int32(np.rint(v)) + y_zp
+
+
+@njit(**JIT)
+def requantize_array(acc: np.ndarray, mult: np.ndarray, y_zp: int, qmin: int, qmax: int,
+                     out: np.ndarray) -> None:
+    """Requantize int32 acc[m, n] with per-column multipliers into out (same shape)."""
+    lo = np.float32(qmin - y_zp)
+    hi = np.float32(qmax - y_zp)
+    zp = np.int32(y_zp)
+    for m in range(acc.shape[0]):
+        for n in range(acc.shape[1]):
+            out[m, n] = requantize_value(acc[m, n], mult[n], zp, lo, hi)
