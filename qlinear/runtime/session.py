@@ -113,7 +113,7 @@ class Session:
         self._unfolded: Session | None = None
         self._outputs = [_tensor_info(vi) for vi in graph.output]
         self._output_names = {o.name for o in self._outputs}
-        self._value_types = _inferred_types(proto)
+        self._value_types = inferred_types(proto)
         self.fallback_ops: list[str] = []
         self._steps: list[_Step] = []
         self._plan(graph)
@@ -413,7 +413,7 @@ def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
     return TensorInfo(vi.name, dtype, shape)
 
 
-def _inferred_types(model: onnx.ModelProto) -> dict[str, tuple[np.dtype | None, Shape | None]]:
+def inferred_types(model: onnx.ModelProto) -> dict[str, tuple[np.dtype | None, Shape | None]]:
     """Static dtypes/shapes of values, where ONNX shape inference can tell (best effort)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)

@@ -2,6 +2,7 @@
 
 from qlinear.runtime.ops import (  # noqa: F401
     contrib,
+    contrib_qlinear,
     elementwise,
     nn,
     quantize,
