@@ -6,7 +6,9 @@ import warnings
 from functools import lru_cache
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 import qlinear
 
@@ -42,6 +44,13 @@ def _cases() -> dict[str, object]:
     }
 
 
+def _array(value: object) -> np.ndarray:
+    """Cases give tensors as arrays, or as TensorProto for types numpy lacks (float8, int4)."""
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    return np.asarray(value)
+
+
 def _case_names() -> list[str]:
     return sorted(_cases())
 
@@ -60,14 +69,14 @@ def test_backend_node_case(name: str) -> None:
     input_names = [i.name for i in case.model.graph.input]
     output_names = [o.name for o in case.model.graph.output]
     for inputs, expected in case.data_sets:
-        feeds = dict(zip(input_names, inputs, strict=False))
+        feeds = dict(zip(input_names, map(_array, inputs), strict=False))
         got = session.run(output_names, feeds)
         for out_name, want, have in zip(output_names, expected, got, strict=True):
-            want = np.asarray(want)
+            want = _array(want)
             have = np.asarray(have)
             assert have.dtype == want.dtype, f"{out_name}: dtype {have.dtype} != {want.dtype}"
             assert have.shape == want.shape, f"{out_name}: shape {have.shape} != {want.shape}"
-            if want.dtype.kind in "fc":
+            if want.dtype.kind in "fcV":  # V: ml_dtypes' float8/bfloat16/float4
                 np.testing.assert_allclose(
                     have.astype(np.float64),
                     want.astype(np.float64),

@@ -178,6 +178,13 @@ class Session:
             config.set_num_threads(self._num_threads)
         keep = set(names)
         clock = time.perf_counter
+        with np.errstate(all="ignore"):  # ONNX defines inf/nan results (x/0, sqrt(-1))
+            self._run_steps(env, keep, times, clock)
+        return [env[n] for n in names]
+
+    def _run_steps(
+        self, env: dict[str, np.ndarray], keep: set[str], times: list[NodeTime] | None, clock: Any
+    ) -> None:
         for step in self._steps:
             args = [env[n] if n else None for n in step.inputs]
             start = clock() if times is not None else 0.0
@@ -197,7 +204,6 @@ class Session:
             for name in step.release:
                 if name not in keep:
                     env.pop(name, None)
-        return [env[n] for n in names]
 
     # -- planning ---------------------------------------------------------------------
 

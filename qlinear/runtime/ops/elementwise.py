@@ -7,6 +7,7 @@ and never writes to its inputs, which other nodes may share.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -60,8 +61,8 @@ def _arith(spec: NodeSpec) -> Kernel:
 
 
 def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Integer Div truncates toward zero like C (numpy floors); x/0 gives 0, not an error."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+    """Integer Div truncates toward zero like C (numpy floors); x/0 gives 0, MIN/-1 wraps."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         q = np.asarray(np.floor_divide(a, b))
         if a.dtype.kind == "i" or b.dtype.kind == "i":
             inexact = np.remainder(a, b) != 0
@@ -193,15 +194,26 @@ def _leaky_relu(spec: NodeSpec) -> Kernel:
     return run
 
 
+def _in_float32_if_narrow(fn: Callable[[np.ndarray], np.ndarray]) -> Callable:
+    """float16/bfloat16 lose too much inside exp/tanh formulas: compute in float32, round once."""
+
+    @functools.wraps(fn)
+    def run(x: np.ndarray) -> np.ndarray:
+        if x.dtype.itemsize >= 4:
+            return fn(x)
+        return fn(x.astype(np.float32)).astype(x.dtype)
+
+    return run
+
+
+@_in_float32_if_narrow
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """1/(1+e^-x) computed from e^-|x| so it never overflows and keeps relative precision."""
-    e = np.abs(x)
-    np.negative(e, out=e)
-    np.exp(e, out=e)
-    r = e + x.dtype.type(1)
-    np.reciprocal(r, out=r)  # r = 1/(1+e^-|x|) = sigmoid(|x|)
-    np.multiply(e, r, out=e)  # e = e^-|x|/(1+e^-|x|) = sigmoid(-|x|)
-    return np.where(x >= 0, r, e)
+    """1/(1+e^-x): accurate for both signs; e^-x overflowing to inf correctly gives 0."""
+    e = _nd(np.negative(x))
+    with np.errstate(over="ignore"):
+        np.exp(e, out=e)
+    e += x.dtype.type(1)
+    return np.reciprocal(e, out=e)
 
 
 @register("Sigmoid", since=1)
@@ -237,6 +249,7 @@ def _hard_swish(spec: NodeSpec) -> Kernel:
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+@_in_float32_if_narrow
 def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), in x's dtype, in place on temporaries."""
     t = x.dtype.type
@@ -349,4 +362,3 @@ def cast_kernel(to: int, saturate: bool = True, round_mode: str = "up") -> Kerne
 def _cast(spec: NodeSpec) -> Kernel:
     saturate = bool(spec.attr("saturate", 1)) if spec.opset >= 19 else True
     return cast_kernel(_cast_target(spec), saturate, spec.attr("round_mode", "up"))
-

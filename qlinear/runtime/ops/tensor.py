@@ -138,6 +138,10 @@ def _unsqueeze(spec: NodeSpec) -> Kernel:
 # ----------------------------------------------------------------- selecting (views)
 
 
+_INT64_MAX = 2**63 - 1
+_INT64_MIN = -(2**63)
+
+
 def _slice_index(
     shape: tuple[int, ...],
     starts: Sequence[int],
@@ -157,6 +161,10 @@ def _slice_index(
         dim = shape[a]
         if step == 0:
             raise ValueError("Slice step cannot be 0")
+        if step < 0 and end == _INT64_MAX:
+            # ONNX clamps this to an empty slice; ORT (and exporters relying on it) read
+            # INT64_MAX as "unbounded" in either direction. Follow ORT.
+            end = _INT64_MIN
         start = start + dim if start < 0 else start
         end = end + dim if end < 0 else end
         if step > 0:
