@@ -10,6 +10,7 @@ from qlinear.errors import (
     UnsupportedOpError,
 )
 from qlinear.onnx_io import load_model, save_model
+from qlinear.report import compare
 from qlinear.runtime import NodeExecutionError, Session, TensorInfo
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "Session",
     "TensorInfo",
     "UnsupportedOpError",
+    "compare",
     "load_model",
     "save_model",
 ]

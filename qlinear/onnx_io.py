@@ -149,7 +149,7 @@ def save_model(
     if external_data is None:
         external_data = _serialized_size(model) >= PROTOBUF_LIMIT
     if not external_data:
-        _atomic_write(out, model.SerializeToString())
+        atomic_write(out, model.SerializeToString())
         return out
     data_name = out.name + ".data"
     copy = onnx.ModelProto()
@@ -180,13 +180,22 @@ def _serialized_size(model: onnx.ModelProto) -> int:
         return PROTOBUF_LIMIT
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never half of it."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

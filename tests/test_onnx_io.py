@@ -143,3 +143,12 @@ def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, m
     session = qlinear.Session(out)
     x = np.ones(4096, np.float32)
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], np.arange(4096) + 1.0)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path) -> None:
+    mask = os.umask(0o022)
+    try:
+        out = onnx_io.save_model(_model_with_weight(8), tmp_path / "perm.onnx")
+    finally:
+        os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o644
