@@ -10,6 +10,7 @@ from qlinear.errors import (
     UnsupportedOpError,
 )
 from qlinear.onnx_io import load_model, save_model
+from qlinear.passes import optimize
 from qlinear.report import compare
 from qlinear.runtime import NodeExecutionError, Session, TensorInfo
 
@@ -27,6 +28,7 @@ __all__ = [
     "TensorInfo",
     "UnsupportedOpError",
     "compare",
+    "optimize",
     "load_model",
     "save_model",
 ]

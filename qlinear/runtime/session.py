@@ -90,13 +90,21 @@ class Session:
 
     model: a path, bytes or onnx.ModelProto (not modified).
     num_threads: intra-op threads for the parallel kernels (None: all cores).
+    optimize: rewrite the graph first (BatchNorm folds, QDQ -> fused integer ops).
     """
 
     def __init__(
-        self, model: ModelLike, *, num_threads: int | None = None, _fold_overridable: bool = True
+        self,
+        model: ModelLike,
+        *,
+        num_threads: int | None = None,
+        optimize: bool = True,
+        _fold_overridable: bool = True,
     ) -> None:
         source = str(model) if isinstance(model, (str, os.PathLike)) else "model"
         proto = load_model(model)
+        if optimize and _fold_overridable:
+            proto = _optimized(proto)
         self._model = proto
         self._num_threads = num_threads
         graph = proto.graph
@@ -160,7 +168,10 @@ class Session:
         if self._fold_overridable and self._overridable.intersection(feeds):
             if self._unfolded is None:
                 self._unfolded = Session(
-                    self._model, num_threads=self._num_threads, _fold_overridable=False
+                    self._model,
+                    num_threads=self._num_threads,
+                    optimize=False,
+                    _fold_overridable=False,
                 )
             return self._unfolded._execute(output_names, feeds, times)
         names = [o.name for o in self._outputs] if not output_names else list(output_names)
@@ -338,6 +349,25 @@ class Session:
         if missing:
             raise InputError(f"missing input(s) {', '.join(map(repr, missing))}")
         return checked
+
+
+def _optimized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model after qlinear's graph rewrites; structural errors are reported first."""
+    from qlinear.passes import optimize as optimize_graph
+
+    graph = model.graph
+    known = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {""}
+    known |= {t.values.name for t in graph.sparse_initializer}
+    _topological_order(graph, known)  # dangling inputs and cycles: clear errors, not the IR's
+    try:
+        return optimize_graph(model)
+    except QlinearError:
+        raise
+    except Exception as exc:
+        raise InvalidModelError(
+            f"the graph optimizer failed ({type(exc).__name__}: {exc}); "
+            "Session(..., optimize=False) runs the model as it is"
+        ) from exc
 
 
 def _check_feed(info: TensorInfo, value: Any) -> np.ndarray:

@@ -9,6 +9,7 @@ float16 accumulation loses accuracy.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,12 +72,40 @@ def _spatial_pads(
     return list(pads[:n]), list(pads[n : 2 * n])
 
 
-def _pad_spatial(x: np.ndarray, head: Sequence[int], tail: Sequence[int], value: Any) -> np.ndarray:
-    """x [N, C, *sp] padded on the spatial axes with a constant (fresh contiguous array)."""
+_TLS = threading.local()
+
+
+def _scratch(role: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A per-thread reusable work buffer (padded inputs, im2col columns).
+
+    Fresh multi-MB arrays cost a page fault per 4 KiB on every call (expensive in VMs);
+    reusing warm memory removes that. Only for temporaries that never escape a kernel;
+    per thread, so concurrent Session.run calls do not share them.
+    """
+    bufs: dict[str, np.ndarray] = _TLS.__dict__.setdefault("bufs", {})
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = bufs.get(role)
+    if buf is None or buf.nbytes < nbytes:
+        buf = bufs[role] = np.empty(max(nbytes, 64), np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _pad_spatial(
+    x: np.ndarray, head: Sequence[int], tail: Sequence[int], value: Any, role: str | None = None
+) -> np.ndarray:
+    """x [N, C, *sp] padded on the spatial axes with a constant (contiguous).
+
+    With `role`, the result lives in a per-thread scratch buffer (valid until the next
+    use of that role on this thread).
+    """
     if not any(head) and not any(tail):
         return np.ascontiguousarray(x)
     shape = x.shape[:2] + tuple(x.shape[2 + i] + head[i] + tail[i] for i in range(len(head)))
-    out = np.full(shape, value, dtype=x.dtype)
+    if role is None:
+        out = np.full(shape, value, dtype=x.dtype)
+    else:
+        out = _scratch(role, shape, x.dtype)
+        out.fill(value)
     sl = (slice(None), slice(None)) + tuple(
         slice(head[i], head[i] + x.shape[2 + i]) for i in range(len(head))
     )
@@ -155,7 +184,6 @@ def _conv_run(
     d = attr_d or [1] * nd
     m = pw["M"]
     cg = c // group
-    mg = m // group
     head, tail = _spatial_pads(auto_pad, attr_pads, in_sp, ksp, s, d)
     out_sp = tuple(
         (in_sp[i] + head[i] + tail[i] - (ksp[i] - 1) * d[i] - 1) // s[i] + 1 for i in range(nd)
@@ -165,34 +193,50 @@ def _conv_run(
 
     # 1x1: no im2col at all, just (strided) subsample and GEMM.
     if kprod == 1 and not any(head) and not any(tail):
-        xs = x[(slice(None), slice(None)) + tuple(slice(0, None, si) for si in s)] if any(
-            si != 1 for si in s
-        ) else x
-        cols = xs.reshape(n, group, cg, -1) if xs.flags.c_contiguous else np.ascontiguousarray(
-            xs
-        ).reshape(n, group, cg, -1)
+        xs = (
+            x[(slice(None), slice(None)) + tuple(slice(0, None, si) for si in s)]
+            if any(si != 1 for si in s)
+            else x
+        )
+        cols = (
+            xs.reshape(n, group, cg, -1)
+            if xs.flags.c_contiguous
+            else np.ascontiguousarray(xs).reshape(n, group, cg, -1)
+        )
         y = np.matmul(pw["gemm"], cols)
         y = y.reshape((n, m) + out_sp)
         if bias is not None:
             y += bias.reshape((m,) + (1,) * nd)
         return y
 
+    # Depthwise 1-D: run as 2-D with a unit height.
+    if nd == 1 and group == c and pw["Cg"] == 1 and dt in (np.float32, np.float64):
+        pw2 = pw.get("as2d")
+        if pw2 is None:
+            pw2 = pw["as2d"] = _pack_conv_weight(pw["raw"][:, :, None, :], group)
+        y = _conv_run(
+            x[:, :, None, :],
+            pw2,
+            bias,
+            group,
+            "NOTSET",
+            [1, ksp[0]],
+            [0, head[0], 0, tail[0]],
+            [1, s[0]],
+            [1, d[0]],
+        )
+        return y[:, :, 0, :]
+
     # Depthwise 2-D: one fused loop (numba).
-    if (
-        "dw" in pw
-        and group == c
-        and nd == 2
-        and dt in (np.float32, np.float64)
-    ):
-        xp = _pad_spatial(x, head, tail, 0)
+    if "dw" in pw and group == c and nd == 2 and dt in (np.float32, np.float64):
+        xp = _pad_spatial(x, head, tail, 0, "pad")
         w = pw["dw"] if pw["dw"].dtype == dt else pw["dw"].astype(dt)
         bv = np.zeros(m, dtype=dt) if bias is None else bias.astype(dt, copy=False)
         y = np.empty((n, m) + out_sp, dtype=dt)
         float_nn.depthwise_conv2d(xp, w, bv, s[0], s[1], d[0], d[1], y)
         return y
 
-    xp = _pad_spatial(x, head, tail, 0)
-    psp = xp.shape[2:]
+    xp = _pad_spatial(x, head, tail, 0, "pad")
     item = xp.itemsize
     sn, sc = xp.strides[:2]
     sp_strides = xp.strides[2:]
@@ -212,16 +256,18 @@ def _conv_run(
                 strides=(sn, sc) + tuple(d[i] * sp_strides[i] for i in range(nd)) + (item,),
                 writeable=False,
             )
-            cols = view.reshape(n, group, cg * kprod, span)
+            cols = _scratch("cols", (n, group, cg * kprod, span), xp.dtype)
+            np.copyto(cols.reshape(view.shape), view)
             yf = np.matmul(pw["gemm"], cols).reshape(n, m, span)
-            y = np.ascontiguousarray(
-                as_strided(
+            if span == total:
+                y = yf.reshape((n, m) + out_sp)
+            else:  # drop the wasted columns
+                y = as_strided(
                     yf,
                     shape=(n, m) + out_sp,
                     strides=yf.strides[:2] + tuple(p * yf.itemsize for p in pstr),
                     writeable=False,
-                )
-            )
+                ).copy()
             if bias is not None:
                 y += bias.reshape((m,) + (1,) * nd)
             return y
@@ -234,11 +280,11 @@ def _conv_run(
         + tuple(s[i] * sp_strides[i] for i in range(nd)),
         writeable=False,
     )
-    cols = view.reshape(n, group, cg * kprod, -1)
+    cols = _scratch("cols", (n, group, cg * kprod, int(np.prod(out_sp))), xp.dtype)
+    np.copyto(cols.reshape(view.shape), view)
     y = np.matmul(pw["gemm"], cols).reshape((n, m) + out_sp)
     if bias is not None:
         y += bias.reshape((m,) + (1,) * nd)
-    del psp, mg
     return y
 
 
@@ -342,9 +388,7 @@ def _layer_norm(spec: NodeSpec) -> Kernel:
         x: np.ndarray, scale: np.ndarray, b: np.ndarray | None = None
     ) -> np.ndarray | list[np.ndarray]:
         ax = axis + x.ndim if axis < 0 else axis
-        cdt = np.dtype(np.float32) if stash == 1 and x.dtype != np.float64 else _work_dtype(
-            x.dtype
-        )
+        cdt = np.dtype(np.float32) if stash == 1 and x.dtype != np.float64 else _work_dtype(x.dtype)
         rows = int(np.prod(x.shape[:ax])) if ax else 1
         cols = int(np.prod(x.shape[ax:])) if ax < x.ndim else 1
         x2 = np.ascontiguousarray(x.reshape(rows, cols), dtype=cdt)
@@ -359,8 +403,9 @@ def _layer_norm(spec: NodeSpec) -> Kernel:
         mean = np.empty(rows, cdt)
         inv = np.empty(rows, cdt)
         if cdt in (np.float32, np.float64) and cols > 0:
-            float_nn.layer_norm_rows(x2, np.ascontiguousarray(sc), np.ascontiguousarray(bb),
-                                     eps, y, mean, inv)
+            float_nn.layer_norm_rows(
+                x2, np.ascontiguousarray(sc), np.ascontiguousarray(bb), eps, y, mean, inv
+            )
         else:  # pragma: no cover - only exotic dtypes
             mu = x2.mean(axis=1, keepdims=True)
             dlt = x2 - mu
@@ -411,14 +456,20 @@ def _batch_norm(spec: NodeSpec) -> Kernel:
             cur_mean = xw.mean(axis=axes)
             cur_var = xw.var(axis=axes)
             a, bb = _bn_fold(scale, b, cur_mean, cur_var, eps)
-            y = xw * _bcast(a, x.ndim, shape_tail, spatial) + _bcast(bb, x.ndim, shape_tail, spatial)
+            y = xw * _bcast(a, x.ndim, shape_tail, spatial)
+            y += _bcast(bb, x.ndim, shape_tail, spatial)
             run_mean = (mean * momentum + cur_mean * (1 - momentum)).astype(x.dtype)
             run_var = (var * momentum + cur_var * (1 - momentum)).astype(x.dtype)
             if opset >= 14:
                 outs = [y.astype(x.dtype, copy=False), run_mean, run_var]
             else:
-                outs = [y.astype(x.dtype, copy=False), run_mean, run_var,
-                        cur_mean.astype(x.dtype), cur_var.astype(x.dtype)]
+                outs = [
+                    y.astype(x.dtype, copy=False),
+                    run_mean,
+                    run_var,
+                    cur_mean.astype(x.dtype),
+                    cur_var.astype(x.dtype),
+                ]
             return outs[:n_out] if n_out > 1 else outs[0]
         if folded is not None:
             a, bb = folded
@@ -493,8 +544,11 @@ def _window_views(
     shape = xp.shape[:2] + tuple(out)
     for tap in np.ndindex(*k):
         offset = sum(tap[i] * d[i] * xp.strides[2 + i] for i in range(nd))
-        yield tap, np.ndarray(shape, dtype=xp.dtype, buffer=xp, offset=offset,
-                              strides=base_strides)
+        yield tap, np.ndarray(shape, dtype=xp.dtype, buffer=xp, offset=offset, strides=base_strides)
+
+
+#: dtypes the numba 2-D max pool is compiled for (others take the numpy path)
+_POOL_NUMBA_DTYPES = (np.float32, np.float64, np.int8, np.uint8)
 
 
 def _lowest(dt: np.dtype) -> Any:
@@ -514,7 +568,11 @@ def _max_pool(spec: NodeSpec) -> Kernel:
         k, s, d, head, tail, out, extra = _pool_geometry(attrs, in_sp, opset)
         nd = len(k)
         tail2 = [tail[i] + extra[i] for i in range(nd)]
-        xp = _pad_spatial(x, head, tail2, _lowest(x.dtype))
+        xp = _pad_spatial(x, head, tail2, _lowest(x.dtype), "pad")
+        if nd == 2 and not want_idx and x.dtype in _POOL_NUMBA_DTYPES:
+            out_arr = np.empty(x.shape[:2] + out, x.dtype)
+            float_nn.max_pool2d(xp, k[0], k[1], s[0], s[1], d[0], d[1], out_arr)
+            return out_arr
         y: np.ndarray | None = None
         best_tap: np.ndarray | None = None
         for t, (_, v) in enumerate(_window_views(xp, k, s, d, out)):
@@ -573,8 +631,9 @@ def _average_pool(spec: NodeSpec) -> Kernel:
             nd = len(k)
             tail2 = [tail[i] + extra[i] for i in range(nd)]
             # count of real (or real + explicit pad) cells under each window
-            mask = np.zeros((1, 1) + tuple(in_sp[i] + head[i] + tail2[i] for i in range(nd)),
-                            np.float64)
+            mask = np.zeros(
+                (1, 1) + tuple(in_sp[i] + head[i] + tail2[i] for i in range(nd)), np.float64
+            )
             if include_pad:
                 sl = tuple(slice(0, in_sp[i] + head[i] + tail[i]) for i in range(nd))
             else:
@@ -586,7 +645,21 @@ def _average_pool(spec: NodeSpec) -> Kernel:
             inv = (1.0 / np.maximum(cnt, 1.0)).astype(xw.dtype)
             geo = cache[in_sp] = (k, s, d, head, tail2, out, inv)
         k, s, d, head, tail2, out, inv = geo
-        xp = _pad_spatial(xw, head, tail2, 0)
+        xp = _pad_spatial(xw, head, tail2, 0, "pad")
+        if len(k) == 2 and xp.dtype in (np.float32, np.float64):
+            res = np.empty(x.shape[:2] + out, xp.dtype)
+            float_nn.sum_pool2d(
+                xp,
+                k[0],
+                k[1],
+                s[0],
+                s[1],
+                d[0],
+                d[1],
+                np.ascontiguousarray(inv[0, 0], dtype=xp.dtype),
+                res,
+            )
+            return res if res.dtype == x.dtype else res.astype(x.dtype)
         acc: np.ndarray | None = None
         for _, v in _window_views(xp, k, s, d, out):
             if acc is None:
@@ -668,9 +741,11 @@ def _pad(spec: NodeSpec) -> Kernel:
             value = attr_value
         assert pads is not None
         r = x.ndim
-        axes = list(range(r)) if axes_in is None else [
-            a + r if a < 0 else a for a in _ints(axes_in.reshape(-1)) or []
-        ]
+        axes = (
+            list(range(r))
+            if axes_in is None
+            else [a + r if a < 0 else a for a in _ints(axes_in.reshape(-1)) or []]
+        )
         na = len(axes)
         width = [[0, 0] for _ in range(r)]
         for i, a in enumerate(axes):
@@ -748,8 +823,18 @@ def _resize(spec: NodeSpec) -> Kernel:
         plan = cache.get(key)
         if plan is None:
             plan = _resize_plan(
-                x.shape, scales, sizes, roi, axes_attr, policy, mode, ctm, nearest_mode,
-                cubic_a, exclude_outside, antialias,
+                x.shape,
+                scales,
+                sizes,
+                roi,
+                axes_attr,
+                policy,
+                mode,
+                ctm,
+                nearest_mode,
+                cubic_a,
+                exclude_outside,
+                antialias,
             )
             if len(cache) < 32:
                 cache[key] = plan
@@ -815,8 +900,10 @@ def _resize_plan(
         ):
             continue
         plan.append(
-            (a,) + _axis_table(n_in, o, sc, a_roi, mode, ctm, nearest_mode, cubic_a,
-                               exclude_outside, antialias)
+            (a,)
+            + _axis_table(
+                n_in, o, sc, a_roi, mode, ctm, nearest_mode, cubic_a, exclude_outside, antialias
+            )
         )
     return plan
 
@@ -834,6 +921,7 @@ def _axis_table(
     antialias: bool,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     y = np.arange(n_out, dtype=np.float64)
+    # As the ONNX reference: the "output length" in the formulas is scale * n_in (float).
     out_w = scale * n_in
     extr = None
     if ctm == "align_corners":
@@ -849,7 +937,10 @@ def _axis_table(
         x = x + roi[0] * (n_in - 1)
         extr = (x < 0) | (x > n_in - 1)
     elif ctm == "pytorch_half_pixel":
-        x = np.full(n_out, -0.5) if out_w == 1 else (y + 0.5) / scale - 0.5
+        # spec and onnxruntime test the integer length here (the reference: float, -0.5)
+        x = np.zeros(n_out) if n_out == 1 else (y + 0.5) / scale - 0.5
+    elif ctm == "tf_half_pixel_for_nn":
+        x = (y + 0.5) / scale
     elif ctm == "half_pixel":
         x = (y + 0.5) / scale - 0.5
     elif ctm == "half_pixel_symmetric":

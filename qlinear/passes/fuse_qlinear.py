@@ -1,0 +1,277 @@
+"""DQ -> Conv/MatMul/Gemm -> Q node units become QLinearConv / QLinearMatMul / QGemm.
+
+Rules (each refuses with a reason, see ``--explain``):
+
+- ``DQ(x), DQ(w const) -> Conv [-> Relu|Clip] -> Q`` => ``QLinearConv``. The weight is
+  per-tensor or per-channel on axis 0 (the output channel); the bias, float or a DQ of
+  int32, becomes int32 quantized with ``x_scale * w_scale[n]`` and zero point 0 (an
+  int32 bias already on that scale is taken as is). Relu/Clip is absorbed only when
+  the output range already clamps there (Relu: ``y_zp == qmin``; Clip: ``Q(lo) <= qmin``
+  and ``Q(hi) >= qmax``), so absorbing changes no value.
+- ``DQ(a), DQ(b) -> MatMul [-> Relu|Clip] -> Q`` => ``QLinearMatMul`` (b per-tensor, or
+  per-column on its last axis when 2-D; b may be an activation).
+- ``DQ(a), DQ(b const) -> Gemm -> Q`` => ``com.microsoft.QGemm`` (bias int32 on
+  ``a_scale * b_scale[n]``, alpha/beta folded into it).
+
+Activations (x, a) are per-tensor uint8 or int8; weights int8 or uint8.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qlinear.passes._infra import (
+    MS_DOMAIN,
+    QDQ,
+    RulePass,
+    add_initializer,
+    const_array,
+    consumers,
+    dq_of,
+    ensure_opset,
+    new_node,
+    only_q_consumer,
+    record_replaces,
+    redirect_qs,
+    single_op,
+    zero_point_value,
+)
+
+
+def output_unit(node: ir.Node) -> tuple[QDQ, ir.Value] | str:
+    """The Q after `node` (through an absorbable Relu/Clip) and the value it quantizes."""
+    out = node.outputs[0]
+    users = consumers(out)
+    if len(users) == 1 and not out.is_graph_output():
+        act = users[0]
+        if single_op(act, "Relu") or single_op(act, "Clip"):
+            q = only_q_consumer(act.outputs[0])
+            if isinstance(q, str):
+                return f"after {act.op_type}: {q}"
+            why = _activation_is_noop(act, q)
+            if why:
+                return why
+            return q, act.outputs[0]
+    q = only_q_consumer(out)
+    if isinstance(q, str):
+        return q
+    return q, out
+
+
+def _activation_is_noop(act: ir.Node, q: QDQ) -> str | None:
+    """None when Q(act(y)) == Q(y) for every y; otherwise why not."""
+    if not q.per_tensor:
+        return f"{act.op_type} before a per-axis QuantizeLinear"
+    qmin, qmax = q.params.qmin, q.params.qmax
+    if act.op_type == "Relu":
+        if q.scalar_zp != qmin:
+            return f"Relu not absorbable: output zero point {q.scalar_zp} != qmin {qmin}"
+        return None
+    lo = const_array(act.inputs[1]) if len(act.inputs) > 1 and act.inputs[1] else None
+    hi = const_array(act.inputs[2]) if len(act.inputs) > 2 and act.inputs[2] else None
+    if (len(act.inputs) > 1 and act.inputs[1] is not None and lo is None) or (
+        len(act.inputs) > 2 and act.inputs[2] is not None and hi is None
+    ):
+        return "Clip bounds are not constants"
+    scale, zp = q.scalar_scale, q.scalar_zp
+    if lo is not None and np.rint(np.float32(lo) / scale) + zp > qmin:
+        return "Clip lower bound is inside the output quantization range"
+    if hi is not None and np.rint(np.float32(hi) / scale) + zp < qmax:
+        return "Clip upper bound is inside the output quantization range"
+    return None
+
+
+def activation_input(node: ir.Node, index: int) -> QDQ | str:
+    dq = dq_of(node.inputs[index] if len(node.inputs) > index else None)
+    if isinstance(dq, str):
+        return dq
+    if not dq.per_tensor:
+        return "activation DequantizeLinear is per-axis (needs per-tensor)"
+    return dq
+
+
+def weight_input(node: ir.Node, index: int, out_axis: int, *, const: bool = True) -> QDQ | str:
+    """The DQ of a weight quantized per-tensor or per-channel along `out_axis` only."""
+    dq = dq_of(node.inputs[index] if len(node.inputs) > index else None)
+    if isinstance(dq, str):
+        return f"weight: {dq}"
+    if const and const_array(dq.node.inputs[0]) is None:
+        return "weight is not a constant"
+    if not dq.per_tensor and dq.axis != out_axis:
+        return f"weight is per-axis on axis {dq.axis}, not the output-channel axis {out_axis}"
+    return dq
+
+
+def int32_bias(
+    graph: ir.Graph, bias: ir.Value | None, scale: np.ndarray, n: int, factor: float = 1.0
+) -> ir.Value | str | None:
+    """An int32 [n] bias on `scale` ([n] or scalar) for a float or DQ(int32) bias input."""
+    if bias is None:
+        return None
+    dq = dq_of(bias, int32=True)
+    arr: np.ndarray | None
+    if not isinstance(dq, str):
+        raw = const_array(dq.node.inputs[0])
+        if raw is None:
+            return "bias is not a constant"
+        bias_scale = np.broadcast_to(dq.params.scale.reshape(-1), (n,)).astype(np.float32)
+        want = np.broadcast_to(scale, (n,)).astype(np.float32)
+        if (
+            raw.dtype == np.int32
+            and factor == 1.0
+            and not np.any(dq.params.zero_point)
+            and np.allclose(bias_scale, want, rtol=1e-6, atol=0)
+            and raw.size == n
+        ):
+            return add_initializer(graph, raw.reshape(n).astype(np.int32), "bias_i32")
+        arr = (raw.astype(np.float64) - dq.params.zero_point.reshape(-1)) * bias_scale
+    else:
+        arr = const_array(bias)
+        if arr is None:
+            return "bias is neither a constant nor a DequantizeLinear of one"
+    arr = np.asarray(arr, np.float64)
+    if arr.size not in (1, n):
+        return f"bias of shape {arr.shape} is not per output channel"
+    s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (n,))
+    safe = np.where(s == 0, 1.0, s)
+    q = np.where(s == 0, 0.0, np.rint(np.broadcast_to(arr.reshape(-1), (n,)) * factor / safe))
+    q = np.clip(q, np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+    return add_initializer(graph, q, "bias_i32")
+
+
+def _same_activation_dtype(x: QDQ, q: QDQ) -> str | None:
+    if x.dtype != q.dtype:
+        return f"input dtype {x.dtype} and output dtype {q.dtype} differ"
+    return None
+
+
+class FuseQLinearPass(RulePass):
+    """DQ->Conv/MatMul/Gemm->Q units to QLinearConv, QLinearMatMul and QGemm."""
+
+    anchors = frozenset({"Conv", "MatMul", "Gemm"})
+    logged = anchors
+
+    def try_node(self, graph: ir.Graph, node: ir.Node) -> bool:
+        if node.op_type == "Conv":
+            return self._try_conv(graph, node)
+        if node.op_type == "MatMul":
+            return self._try_matmul(graph, node)
+        return self._try_gemm(graph, node)
+
+    def _try_conv(self, graph: ir.Graph, node: ir.Node) -> bool:
+        x = activation_input(node, 0)
+        if isinstance(x, str):
+            return self.refuse(node, x)
+        w = weight_input(node, 1, 0)
+        if isinstance(w, str):
+            return self.refuse(node, w)
+        unit = output_unit(node)
+        if isinstance(unit, str):
+            return self.refuse(node, unit)
+        q, quantized = unit
+        if not q.per_tensor:
+            return self.refuse(node, "output QuantizeLinear is per-axis")
+        why = _same_activation_dtype(x, q)
+        if why:
+            return self.refuse(node, why)
+        n = const_array(w.node.inputs[0]).shape[0]
+        scale = x.scalar_scale * w.params.scale.reshape(-1).astype(np.float32)
+        bias = int32_bias(graph, node.inputs[2] if len(node.inputs) > 2 else None, scale, n)
+        if isinstance(bias, str):
+            return self.refuse(node, bias)
+        inputs = [
+            x.node.inputs[0], x.scale, zero_point_value(graph, x),
+            w.node.inputs[0], w.scale, zero_point_value(graph, w),
+            q.scale, zero_point_value(graph, q),
+        ]
+        if bias is not None:
+            inputs.append(bias)
+        attrs = {k: v for k, v in node.attributes.items()}
+        fused = new_node(graph, node, "QLinearConv", inputs, attrs)
+        record_replaces(fused, node.outputs[0].name)
+        redirect_qs(graph, quantized, fused.outputs[0])
+        return self.fired(node, "QLinearConv")
+
+    def _try_matmul(self, graph: ir.Graph, node: ir.Node) -> bool:
+        a = activation_input(node, 0)
+        if isinstance(a, str):
+            return self.refuse(node, a)
+        b_rank = node.inputs[1].shape and len(node.inputs[1].shape)
+        b = weight_input(node, 1, (b_rank or 2) - 1, const=False)
+        if isinstance(b, str):
+            return self.refuse(node, b)
+        if not b.per_tensor and b_rank != 2:
+            return self.refuse(node, "per-column B must be 2-D for QLinearMatMul")
+        unit = output_unit(node)
+        if isinstance(unit, str):
+            return self.refuse(node, unit)
+        q, quantized = unit
+        if not q.per_tensor:
+            return self.refuse(node, "output QuantizeLinear is per-axis")
+        why = _same_activation_dtype(a, q)
+        if why:
+            return self.refuse(node, why)
+        inputs = [
+            a.node.inputs[0], a.scale, zero_point_value(graph, a),
+            b.node.inputs[0], b.scale, zero_point_value(graph, b),
+            q.scale, zero_point_value(graph, q),
+        ]
+        fused = new_node(graph, node, "QLinearMatMul", inputs)
+        record_replaces(fused, node.outputs[0].name)
+        redirect_qs(graph, quantized, fused.outputs[0])
+        return self.fired(node, "QLinearMatMul")
+
+    def _try_gemm(self, graph: ir.Graph, node: ir.Node) -> bool:
+        gemm = gemm_operands(graph, node)
+        if isinstance(gemm, str):
+            return self.refuse(node, gemm)
+        a, b, bias, attrs = gemm
+        unit = output_unit(node)
+        if isinstance(unit, str):
+            return self.refuse(node, unit)
+        q, quantized = unit
+        if not q.per_tensor:
+            return self.refuse(node, "output QuantizeLinear is per-axis")
+        why = _same_activation_dtype(a, q)
+        if why:
+            return self.refuse(node, why)
+        inputs = [
+            a.node.inputs[0], a.scale, zero_point_value(graph, a),
+            b.node.inputs[0], b.scale, zero_point_value(graph, b),
+            bias, q.scale, zero_point_value(graph, q),
+        ]
+        fused = new_node(graph, node, "QGemm", inputs, attrs, domain=MS_DOMAIN)
+        ensure_opset(graph, MS_DOMAIN, 1)
+        record_replaces(fused, node.outputs[0].name)
+        redirect_qs(graph, quantized, fused.outputs[0])
+        return self.fired(node, "QGemm")
+
+
+def gemm_operands(
+    graph: ir.Graph, node: ir.Node
+) -> tuple[QDQ, QDQ, ir.Value | None, dict] | str:
+    """(a, b, int32 bias, QGemm attributes) of a quantizable Gemm, or why not."""
+    attrs = node.attributes
+    trans_a = attrs["transA"].as_int() if "transA" in attrs else 0
+    trans_b = attrs["transB"].as_int() if "transB" in attrs else 0
+    alpha = attrs["alpha"].as_float() if "alpha" in attrs else 1.0
+    beta = attrs["beta"].as_float() if "beta" in attrs else 1.0
+    if trans_a:
+        return "transA=1 is not supported"
+    a = activation_input(node, 0)
+    if isinstance(a, str):
+        return a
+    b = weight_input(node, 1, 0 if trans_b else 1)
+    if isinstance(b, str):
+        return b
+    w = const_array(b.node.inputs[0])
+    if w.ndim != 2:
+        return "Gemm weight is not 2-D"
+    n = w.shape[0] if trans_b else w.shape[1]
+    scale = a.scalar_scale * b.params.scale.reshape(-1).astype(np.float32) * np.float32(alpha)
+    bias_in = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = int32_bias(graph, bias_in, scale, n, factor=beta)
+    if isinstance(bias, str):
+        return bias
+    return a, b, bias, {"transA": 0, "transB": int(trans_b), "alpha": float(alpha)}
