@@ -11,6 +11,7 @@ from qlinear.errors import (
 )
 from qlinear.onnx_io import load_model, save_model
 from qlinear.passes import optimize
+from qlinear.quantizer import QuantConfig, calibrate, quantize
 from qlinear.report import compare
 from qlinear.runtime import NodeExecutionError, Session, TensorInfo
 
@@ -23,12 +24,15 @@ __all__ = [
     "ModelLoadError",
     "NodeExecutionError",
     "QlinearError",
+    "QuantConfig",
     "QuantParamsError",
     "Session",
     "TensorInfo",
     "UnsupportedOpError",
+    "calibrate",
     "compare",
     "optimize",
+    "quantize",
     "load_model",
     "save_model",
 ]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from qlinear.errors import QlinearError
 
 #: Subcommand modules; each has `add_parser(subparsers)` that sets `func=main(args) -> int`.
-_COMMANDS = ("demo", "run", "inspect", "optimize", "compare", "bench")
+_COMMANDS = ("demo", "quantize", "optimize", "run", "compare", "bench", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,9 @@ class Runner:
         if engine == "qlinear":
             from qlinear import Session
 
-            self._session = Session(model, num_threads=threads)
+            # Compare the graphs as given: per-layer matching needs their own tensors, and
+            # comparing before/after optimization is done on two files explicitly.
+            self._session = Session(model, num_threads=threads, optimize=False)
             self.inputs: list[TensorInfo] = self._session.get_inputs()
         else:
             import onnxruntime as ort
