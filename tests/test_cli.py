@@ -123,4 +123,7 @@ def test_demo_runs_the_bundled_example(tmp_path, capsys) -> None:
     assert main(["demo", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ops in onnx.reference: none" in out
-    assert (tmp_path / "resnet_float.onnx").exists()
+    assert "10 of 10 Conv/MatMul/Gemm fused into integer ops, 0 left float" in out
+    assert "top-1 agreement" in out
+    for stage in ("float", "qdq", "int8"):
+        assert (tmp_path / f"resnet_{stage}.onnx").exists()
