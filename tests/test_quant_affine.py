@@ -362,3 +362,20 @@ def test_choose_qparams_for_tensor_errors() -> None:
         choose_qparams_for_tensor(np.array([1.0, np.nan]), np.int8)
     empty = choose_qparams_for_tensor(np.zeros((0, 3)), np.int8, PerAxis(1))
     assert empty.scale.shape == (1, 3) and np.all(empty.scale == 1)
+
+
+def test_bias_qparams_scale_is_float32_product_per_output_channel() -> None:
+    from qlinear.quant import bias_qparams
+
+    x_scale = np.float32(0.0123)
+    w_scale = np.array([0.5, 0.25, 0.003], np.float32)
+    qp = bias_qparams(x_scale, w_scale, 3)
+    np.testing.assert_array_equal(qp.scale, x_scale * w_scale)
+    assert qp.dtype == np.int32 and not qp.zero_point.any()
+    assert bias_qparams(x_scale, np.float32(0.5), 4).scale.shape == (4,)
+    gemm = bias_qparams(x_scale, w_scale, 3, alpha=2.0)
+    np.testing.assert_array_equal(gemm.scale, (x_scale * w_scale) * np.float32(2.0))
+    with pytest.raises(QuantParamsError, match="does not match 4 output channels"):
+        bias_qparams(x_scale, w_scale, 4)
+    with pytest.raises(QuantParamsError, match="per-tensor input scale"):
+        bias_qparams(w_scale, w_scale, 3)

@@ -37,6 +37,7 @@ from qlinear.passes._infra import (
     single_op,
     zero_point_value,
 )
+from qlinear.quant import QuantParams, bias_qparams, dequantize_affine, quantize_affine
 
 
 def output_unit(node: ir.Node) -> tuple[QDQ, ir.Value] | str:
@@ -104,11 +105,12 @@ def weight_input(node: ir.Node, index: int, out_axis: int, *, const: bool = True
 
 
 def int32_bias(
-    graph: ir.Graph, bias: ir.Value | None, scale: np.ndarray, n: int, factor: float = 1.0
+    graph: ir.Graph, bias: ir.Value | None, qp: QuantParams, factor: float = 1.0
 ) -> ir.Value | str | None:
-    """An int32 [n] bias on `scale` ([n] or scalar) for a float or DQ(int32) bias input."""
+    """An int32 [n] bias with parameters `qp` (`bias_qparams`) for a float or DQ(int32) bias."""
     if bias is None:
         return None
+    n = qp.scale.size
     dq = dq_of(bias, int32=True)
     arr: np.ndarray | None
     if not isinstance(dq, str):
@@ -116,7 +118,7 @@ def int32_bias(
         if raw is None:
             return "bias is not a constant"
         bias_scale = np.broadcast_to(dq.params.scale.reshape(-1), (n,)).astype(np.float32)
-        want = np.broadcast_to(scale, (n,)).astype(np.float32)
+        want = qp.scale
         if (
             raw.dtype == np.int32
             and factor == 1.0
@@ -125,19 +127,17 @@ def int32_bias(
             and raw.size == n
         ):
             return add_initializer(graph, raw.reshape(n).astype(np.int32), "bias_i32")
-        arr = (raw.astype(np.float64) - dq.params.zero_point.reshape(-1)) * bias_scale
+        arr = dequantize_affine(raw, dq.params)
     else:
         arr = const_array(bias)
         if arr is None:
             return "bias is neither a constant nor a DequantizeLinear of one"
-    arr = np.asarray(arr, np.float64)
     if arr.size not in (1, n):
         return f"bias of shape {arr.shape} is not per output channel"
-    s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (n,))
-    safe = np.where(s == 0, 1.0, s)
-    q = np.where(s == 0, 0.0, np.rint(np.broadcast_to(arr.reshape(-1), (n,)) * factor / safe))
-    q = np.clip(q, np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
-    return add_initializer(graph, q, "bias_i32")
+    if not np.all(qp.scale >= np.finfo(np.float32).tiny):
+        return "bias scale x_scale * w_scale is zero for some output channel"
+    values = np.broadcast_to(arr.reshape(-1) * factor, (n,)).astype(np.float32)
+    return add_initializer(graph, quantize_affine(values, qp), "bias_i32")
 
 
 def _same_activation_dtype(x: QDQ, q: QDQ) -> str | None:
@@ -176,14 +176,19 @@ class FuseQLinearPass(RulePass):
         if why:
             return self.refuse(node, why)
         n = const_array(w.node.inputs[0]).shape[0]
-        scale = x.scalar_scale * w.params.scale.reshape(-1).astype(np.float32)
-        bias = int32_bias(graph, node.inputs[2] if len(node.inputs) > 2 else None, scale, n)
+        qp = bias_qparams(x.scalar_scale, w.params.scale, n)
+        bias = int32_bias(graph, node.inputs[2] if len(node.inputs) > 2 else None, qp)
         if isinstance(bias, str):
             return self.refuse(node, bias)
         inputs = [
-            x.node.inputs[0], x.scale, zero_point_value(graph, x),
-            w.node.inputs[0], w.scale, zero_point_value(graph, w),
-            q.scale, zero_point_value(graph, q),
+            x.node.inputs[0],
+            x.scale,
+            zero_point_value(graph, x),
+            w.node.inputs[0],
+            w.scale,
+            zero_point_value(graph, w),
+            q.scale,
+            zero_point_value(graph, q),
         ]
         if bias is not None:
             inputs.append(bias)
@@ -213,9 +218,14 @@ class FuseQLinearPass(RulePass):
         if why:
             return self.refuse(node, why)
         inputs = [
-            a.node.inputs[0], a.scale, zero_point_value(graph, a),
-            b.node.inputs[0], b.scale, zero_point_value(graph, b),
-            q.scale, zero_point_value(graph, q),
+            a.node.inputs[0],
+            a.scale,
+            zero_point_value(graph, a),
+            b.node.inputs[0],
+            b.scale,
+            zero_point_value(graph, b),
+            q.scale,
+            zero_point_value(graph, q),
         ]
         fused = new_node(graph, node, "QLinearMatMul", inputs)
         record_replaces(fused, node.outputs[0].name)
@@ -237,9 +247,15 @@ class FuseQLinearPass(RulePass):
         if why:
             return self.refuse(node, why)
         inputs = [
-            a.node.inputs[0], a.scale, zero_point_value(graph, a),
-            b.node.inputs[0], b.scale, zero_point_value(graph, b),
-            bias, q.scale, zero_point_value(graph, q),
+            a.node.inputs[0],
+            a.scale,
+            zero_point_value(graph, a),
+            b.node.inputs[0],
+            b.scale,
+            zero_point_value(graph, b),
+            bias,
+            q.scale,
+            zero_point_value(graph, q),
         ]
         fused = new_node(graph, node, "QGemm", inputs, attrs, domain=MS_DOMAIN)
         ensure_opset(graph, MS_DOMAIN, 1)
@@ -248,9 +264,7 @@ class FuseQLinearPass(RulePass):
         return self.fired(node, "QGemm")
 
 
-def gemm_operands(
-    graph: ir.Graph, node: ir.Node
-) -> tuple[QDQ, QDQ, ir.Value | None, dict] | str:
+def gemm_operands(graph: ir.Graph, node: ir.Node) -> tuple[QDQ, QDQ, ir.Value | None, dict] | str:
     """(a, b, int32 bias, QGemm attributes) of a quantizable Gemm, or why not."""
     attrs = node.attributes
     trans_a = attrs["transA"].as_int() if "transA" in attrs else 0
@@ -269,9 +283,9 @@ def gemm_operands(
     if w.ndim != 2:
         return "Gemm weight is not 2-D"
     n = w.shape[0] if trans_b else w.shape[1]
-    scale = a.scalar_scale * b.params.scale.reshape(-1).astype(np.float32) * np.float32(alpha)
+    qp = bias_qparams(a.scalar_scale, b.params.scale, n, alpha=alpha)
     bias_in = node.inputs[2] if len(node.inputs) > 2 else None
-    bias = int32_bias(graph, bias_in, scale, n, factor=beta)
+    bias = int32_bias(graph, bias_in, qp, factor=beta)
     if isinstance(bias, str):
         return bias
     return a, b, bias, {"transA": 0, "transB": int(trans_b), "alpha": float(alpha)}

@@ -5,6 +5,7 @@ compute with it, and the only conversion to/from ONNX's compact Q/DQ form.
 """
 
 from qlinear.quant.affine import (
+    bias_qparams,
     choose_qparams,
     choose_qparams_for_tensor,
     dequantize_affine,
@@ -40,6 +41,7 @@ __all__ = [
     "PerTensor",
     "QuantDType",
     "QuantParams",
+    "bias_qparams",
     "block_size_for",
     "choose_qparams",
     "choose_qparams_for_tensor",

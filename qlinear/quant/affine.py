@@ -167,3 +167,26 @@ def choose_qparams_for_tensor(
         if np.isnan(mn).any() or np.isnan(mx).any():
             raise QuantParamsError("choose_qparams_for_tensor: tensor contains NaN")
     return choose_qparams(mn, mx, dtype, symmetric=symmetric)
+
+
+def bias_qparams(x_scale: Any, w_scale: Any, channels: int, alpha: float = 1.0) -> QuantParams:
+    """int32 parameters of a Conv/MatMul/Gemm bias: scale ``x_scale · w_scale[n]``, zero point 0.
+
+    The integer kernels add the bias to the int32 accumulator, whose unit is the product
+    of the input and weight scales (design §2); the product is taken in float32, as
+    onnxruntime's quantizer and kernels do. `x_scale` must be one value; `w_scale` one
+    value or one per output channel; a Gemm's `alpha` multiplies last.
+    """
+    xs = np.asarray(x_scale, dtype=np.float32).reshape(-1)
+    ws = np.asarray(w_scale, dtype=np.float32).reshape(-1)
+    if xs.size != 1:
+        raise QuantParamsError(f"a bias needs a per-tensor input scale, got {xs.size} scales")
+    if ws.size not in (1, channels):
+        raise QuantParamsError(
+            f"weight scale of size {ws.size} does not match {channels} output channels"
+        )
+    scale = xs[0] * ws
+    if alpha != 1.0:
+        scale = scale * np.float32(alpha)
+    scale = np.broadcast_to(scale, (channels,)).astype(np.float32)
+    return QuantParams(scale, np.zeros(channels, np.int32), np.int32)

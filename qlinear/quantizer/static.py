@@ -23,6 +23,7 @@ from qlinear.quant import (
     PerGroup,
     PerTensor,
     QuantParams,
+    bias_qparams,
     choose_qparams,
     choose_qparams_for_tensor,
     dequantize_affine,
@@ -92,16 +93,14 @@ def _clip_search(array: np.ndarray, gran: Granularity, opts: WeightOptions) -> Q
 
 
 def bias_params(x: QuantParams, w: QuantParams, bias_len: int) -> QuantParams | None:
-    """int32 bias parameters, scale x_scale * w_scale[n]; None if w is not per-tensor/axis."""
+    """int32 bias parameters (see `bias_qparams`); None if w is not per-tensor/axis."""
     axis = w.channel_axis()
     if axis is None or (w.scale.size not in (1, bias_len)):
         return None
-    scale = (x.scale.reshape(()) * w.scale.reshape(-1)).astype(np.float32)
-    if scale.size == 1:
-        scale = np.full(bias_len, scale.reshape(()), np.float32)
-    if np.any(scale < np.finfo(np.float32).tiny):
+    qp = bias_qparams(x.scale, w.scale, bias_len)
+    if np.any(qp.scale < np.finfo(np.float32).tiny):
         return None
-    return QuantParams(scale, None, np.int32)
+    return qp
 
 
 class Emitter:
