@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 MODELS = ("resnet", "mobilenet_v2", "bert", "vit")
 CACHE = Path(tempfile.gettempdir()) / "qlinear-e2e"
 ENGINES = ("qlinear-int8", "ort-qdq", "qlinear-fp32")
+#: Models that also get a "qlinear-nhwc" column (layout="nhwc"; qlinear-int8 is layout="nchw").
+CNNS = ("resnet", "mobilenet_v2")
 
 
 def float_model(name: str, size: str) -> onnx.ModelProto:
@@ -89,7 +91,8 @@ def _worker(engine: str, model_path: str, name: str, batch: int, iters: int) -> 
     else:
         from qlinear import Session
 
-        sess = Session(model)
+        # int8 models are optimized already (with a chosen layout): run them as they are
+        sess = Session(model, optimize=engine == "qlinear-fp32")
     for _ in range(2):
         sess.run(None, feeds)
     times = []
@@ -132,11 +135,16 @@ def main() -> int:
             "qlinear-int8": CACHE / f"{name}_{args.size}_uint8.opt.onnx",
             "qlinear-fp32": CACHE / f"{name}_{args.size}.float.onnx",
         }
-        onnx.save(optimize(qdq), str(paths["qlinear-int8"]))
+        onnx.save(optimize(qdq, layout="nchw"), str(paths["qlinear-int8"]))
+        engines = ENGINES
+        if name in CNNS:
+            paths["qlinear-nhwc"] = CACHE / f"{name}_{args.size}_uint8.nhwc.onnx"
+            onnx.save(optimize(qdq, layout="nhwc"), str(paths["qlinear-nhwc"]))
+            engines = (*ENGINES, "qlinear-nhwc")
         for batch in (int(b) for b in args.batches.split(",")):
-            times: dict[str, list[float]] = {e: [] for e in ENGINES}
+            times: dict[str, list[float]] = {e: [] for e in engines}
             for r in range(args.rounds):
-                order = ENGINES if r % 2 == 0 else tuple(reversed(ENGINES))
+                order = engines if r % 2 == 0 else tuple(reversed(engines))
                 for engine in order:
                     times[engine] += _time(engine, paths[engine], name, batch, args.iters)
             med = {e: statistics.median(t) * 1e3 for e, t in times.items()}
@@ -147,9 +155,12 @@ def main() -> int:
 
 def _print_row(name: str, batch: int, med: dict[str, float]) -> None:
     q, o, f = med["qlinear-int8"], med["ort-qdq"], med["qlinear-fp32"]
+    n = med.get("qlinear-nhwc")
+    layout = f" | nhwc {n:9.2f} ms | nchw/nhwc {q / n:5.2f}x" if n else ""
     print(
         f"{name:<13} b={batch:<2} qlinear-int8 {q:9.2f} ms | ort-qdq {o:9.2f} ms | "
-        f"ORT/qlinear {o / q:5.2f}x | qlinear fp32 {f:9.2f} ms | fp32/int8 {f / q:5.2f}x",
+        f"ORT/qlinear {o / q:5.2f}x | qlinear fp32 {f:9.2f} ms | fp32/int8 {f / q:5.2f}x"
+        f"{layout}",
         flush=True,
     )
 

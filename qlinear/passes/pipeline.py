@@ -22,10 +22,13 @@ from qlinear.passes.fold_scale import FoldScalePass
 from qlinear.passes.fuse_int8_float import FuseInt8FloatPass
 from qlinear.passes.fuse_qlinear import FuseQLinearPass
 from qlinear.passes.fuse_qlinear_elementwise import FuseQLinearElementwisePass
+from qlinear.passes.layout import LayoutPass
 from qlinear.passes.qdq_fold import CancelDQQPass, IntegerDataMovementPass
 
 #: Maximum pass-list iterations before giving up on reaching a fixed point.
 MAX_STEPS = 8
+#: Memory format of convolutions and pools after `optimize` (see `LayoutPass`).
+DEFAULT_LAYOUT = "nhwc"
 
 
 def float_passes(log: ExplainLog | None = None) -> list[passes.PassBase]:
@@ -48,6 +51,17 @@ def default_passes(log: ExplainLog | None = None) -> list[passes.PassBase]:
     return [*float_passes(log), *quantized_passes(log), common.RemoveUnusedNodesPass()]
 
 
+def layout_passes(
+    layout: str = DEFAULT_LAYOUT, log: ExplainLog | None = None, *, custom_ops: bool = False
+) -> list[passes.PassBase]:
+    """Last, once the fused operators are final: the NHWC layout pass (none for "nchw")."""
+    if layout not in ("nchw", "nhwc"):
+        raise ValueError(f"layout must be 'nchw' or 'nhwc', got {layout!r}")
+    if layout == "nchw":
+        return []
+    return [LayoutPass(log, custom_ops=custom_ops), common.RemoveUnusedNodesPass()]
+
+
 def run_passes(model: ir.Model, pass_list: list[passes.PassBase]) -> bool:
     """Run `pass_list` to a fixed point on `model` in place; True if anything changed."""
     manager = passes.PassManager(pass_list, steps=MAX_STEPS, early_stop=True)
@@ -65,10 +79,24 @@ def _to_ir(model: ModelLike) -> ir.Model:
     return ir.from_proto(proto)
 
 
-def optimize(model: ModelLike, *, log: ExplainLog | None = None) -> onnx.ModelProto:
-    """QDQ (or float) model => fused QLinear/int8 model; the input is never modified."""
+def optimize(
+    model: ModelLike,
+    *,
+    log: ExplainLog | None = None,
+    layout: str = DEFAULT_LAYOUT,
+    custom_ops: bool = False,
+) -> onnx.ModelProto:
+    """QDQ (or float) model => fused QLinear/int8 model; the input is never modified.
+
+    layout: "nhwc" runs convolutions and pools channels-last, "nchw" leaves them.
+    custom_ops: allow qlinear-only operators (ai.qlinear.ConvInteger channels-last for
+    dynamic quantization); the result then no longer loads in onnxruntime.
+    """
     ir_model = _to_ir(model)
     run_passes(ir_model, default_passes(log))
+    tail = layout_passes(layout, log, custom_ops=custom_ops)
+    if tail:
+        run_passes(ir_model, tail)
     return ir.to_proto(ir_model)
 
 

@@ -4,6 +4,7 @@ from qlinear.runtime.ops import (  # noqa: F401
     contrib,
     contrib_qlinear,
     elementwise,
+    nhwc,
     nn,
     quantize,
     quantized,

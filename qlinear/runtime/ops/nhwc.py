@@ -1,0 +1,130 @@
+"""Channels-last operators the layout pass emits (design §3 Layout).
+
+- ``com.microsoft.QLinearConv`` (``channels_last`` 0 or 1): ORT's contrib form of
+  QLinearConv; with ``channels_last=1`` input and output are [N, H, W, C].
+- ``com.microsoft.NhwcMaxPool``: int8/uint8 max pooling on [N, H, W, C].
+- ``ai.qlinear.ConvInteger`` (``channels_last=1``): int32 NHWC convolution for
+  dynamic-quantized graphs. ORT has no such operator: a model containing it only
+  runs in qlinear (the layout pass emits it only when asked to, see `LayoutPass`).
+
+``com.microsoft.QLinearGlobalAveragePool`` with ``channels_last=1`` is implemented in
+`contrib_qlinear`. Factories pack the weights once; kernels are in
+`qlinear.runtime.kernels.nhwc`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qlinear.runtime.kernels.conv import conv, pack_conv_weights, resolve_pads
+from qlinear.runtime.kernels.nhwc import conv_nhwc, depthwise_weights, max_pool_nhwc
+from qlinear.runtime.kernels.requant import output_multiplier
+from qlinear.runtime.ops.quantized import ConvAttributes, column_vector, scalar_zero_point
+from qlinear.runtime.registry import MS_DOMAIN, Kernel, NodeSpec, register
+
+#: Domain of qlinear's own operators (no ORT implementation).
+QLINEAR_DOMAIN = "ai.qlinear"
+
+_INT8 = (np.dtype(np.uint8), np.dtype(np.int8))
+
+
+def _nchw_shape(x: np.ndarray) -> tuple[int, ...]:
+    return (x.shape[0], x.shape[-1], *x.shape[1:-1])
+
+
+class _PackedConv:
+    """Weights packed once (constant W and zero point) or per call, plus depthwise form."""
+
+    def __init__(self, spec: NodeSpec, w_index: int, zp_index: int) -> None:
+        w = spec.const(w_index)
+        self.attrs = ConvAttributes(spec, None if w is None else w.shape)
+        zp_known = not spec.has_input(zp_index) or spec.const(zp_index) is not None
+        self._cached = self._pack(w, spec.const(zp_index)) if w is not None and zp_known else None
+
+    def _pack(self, w: np.ndarray, zp: np.ndarray | None):
+        if w.dtype not in _INT8:
+            raise TypeError(f"W must be uint8 or int8, got {w.dtype}")
+        zp_vec = column_vector(zp, w.shape[0], "w_zero_point", np.int32)
+        packed = pack_conv_weights(w, zp_vec, self.attrs.group)
+        return packed, depthwise_weights(w, zp_vec, self.attrs.group)
+
+    def get(self, w: np.ndarray, zp: np.ndarray | None):
+        return self._cached if self._cached is not None else self._pack(w, zp)
+
+
+def _check_x(x: np.ndarray) -> None:
+    if x.dtype not in _INT8:
+        raise TypeError(f"x must be uint8 or int8, got {x.dtype}")
+    if x.ndim != 4:
+        raise ValueError(f"channels-last convolution is 2-D only, got input rank {x.ndim}")
+
+
+@register("QLinearConv", domain=MS_DOMAIN, since=1)
+def _ms_qlinear_conv(spec: NodeSpec) -> Kernel:
+    """Requantized convolution, NHWC when channels_last=1 (else ONNX QLinearConv's NCHW)."""
+    weights = _PackedConv(spec, 3, 5)
+    channels_last = bool(spec.attr("channels_last", 0))
+
+    def run(x: np.ndarray, x_scale: np.ndarray, x_zp: np.ndarray, w: np.ndarray,
+            w_scale: np.ndarray, w_zp: np.ndarray, y_scale: np.ndarray, y_zp: np.ndarray,
+            bias: np.ndarray | None = None) -> np.ndarray:
+        if x.dtype not in _INT8:
+            raise TypeError(f"x must be uint8 or int8, got {x.dtype}")
+        packed, dw = weights.get(w, w_zp)
+        c_out = packed.c_out
+        mult = output_multiplier(x_scale, column_vector(w_scale, c_out, "w_scale", np.float32),
+                                 y_scale, c_out)
+        b32 = None if bias is None else column_vector(bias, c_out, "B", np.int32)
+        out_dtype = np.asarray(y_zp).dtype
+        if not channels_last:
+            strides, dilations, begin, end = weights.attrs.resolve(x.shape, w.shape)
+            return conv(x, scalar_zero_point(x_zp, "x_zero_point"), packed, strides, dilations,
+                        begin, end, out_dtype=out_dtype, bias=b32, mult=mult,
+                        y_zp=scalar_zero_point(y_zp, "y_zero_point"))
+        _check_x(x)
+        strides, dilations, begin, end = weights.attrs.resolve(_nchw_shape(x), w.shape)
+        return conv_nhwc(x, scalar_zero_point(x_zp, "x_zero_point"), packed, strides, dilations,
+                         begin, end, out_dtype=out_dtype, bias=b32, mult=mult,
+                         y_zp=scalar_zero_point(y_zp, "y_zero_point"), dw_weights=dw)
+
+    return run
+
+
+@register("ConvInteger", domain=QLINEAR_DOMAIN, since=1)
+def _conv_integer_nhwc(spec: NodeSpec) -> Kernel:
+    """int32 convolution of (x - x_zp) and (w - w_zp) on [N, H, W, C] (channels_last=1)."""
+    if not spec.attr("channels_last", 0):
+        raise ValueError(f"{spec.describe()}: ai.qlinear.ConvInteger needs channels_last=1")
+    weights = _PackedConv(spec, 1, 3)
+
+    def run(x: np.ndarray, w: np.ndarray, x_zp: np.ndarray | None = None,
+            w_zp: np.ndarray | None = None) -> np.ndarray:
+        _check_x(x)
+        packed, dw = weights.get(w, w_zp)
+        strides, dilations, begin, end = weights.attrs.resolve(_nchw_shape(x), w.shape)
+        return conv_nhwc(x, scalar_zero_point(x_zp, "x_zero_point"), packed, strides, dilations,
+                         begin, end, out_dtype=np.int32, dw_weights=dw)
+
+    return run
+
+
+@register("NhwcMaxPool", domain=MS_DOMAIN, since=1)
+def _nhwc_max_pool(spec: NodeSpec) -> Kernel:
+    """2-D max pooling on [N, H, W, C]; padding never wins (ONNX MaxPool semantics)."""
+    kernel = tuple(int(k) for k in spec.attr("kernel_shape"))
+    if len(kernel) != 2:
+        raise ValueError(f"{spec.describe()}: NhwcMaxPool is 2-D only")
+    strides = tuple(int(s) for s in (spec.attr("strides") or (1, 1)))
+    dilations = tuple(int(d) for d in (spec.attr("dilations") or (1, 1)))
+    auto_pad = spec.attr("auto_pad", "NOTSET")
+    pads = spec.attr("pads")
+    ceil_mode = bool(spec.attr("ceil_mode", 0))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if x.ndim != 4:
+            raise ValueError(f"NhwcMaxPool wants a rank-4 input, got {x.shape}")
+        begin, end = resolve_pads(auto_pad, x.shape[1:3], kernel, strides, dilations,
+                                  None if pads is None else tuple(pads))
+        return max_pool_nhwc(x, kernel, strides, dilations, begin, end, ceil_mode)
+
+    return run
