@@ -66,3 +66,29 @@ def test_mixed_dtypes_refused():
     y = g.dq(g.q(g.op("Sigmoid", g.qdq("x", 0.05, 0, np.int8)), 0.02, 0, np.uint8), 0.02, 0)
     out = optimize(g.model({"x": (1, 4, 6, 6)}, [y]))
     assert "QLinearSigmoid" not in ops(out)
+
+
+@pytest.mark.parametrize("dtype,qmin", [(np.uint8, 0), (np.int8, -128)])
+def test_residual_add_relu_is_absorbed_when_the_output_range_clamps_at_zero(dtype, qmin):
+    g = G()
+    x = g.qdq("x", 0.05, qmin + 64, dtype)
+    other = g.qdq(g.op("Relu", "x"), 0.03, qmin, dtype)
+    y = g.qdq(g.op("Relu", g.op("Add", x, other)), 0.02, qmin, dtype)
+    model = g.model({"x": (1, 4, 6, 6)}, [y])
+    out = optimize(model)
+    assert ops(out).count("QLinearAdd") == 1
+    assert ops(out).count("Relu") == 1, "only the float Relu on the input is left"
+    np.testing.assert_array_equal(run(model, FEED)[0], run(out, FEED)[0])
+    fused = next(n for n in out.graph.node if n.op_type == "QLinearAdd")
+    replaced = {p.key: p.value for p in fused.metadata_props}["qlinear.replaces"]
+    relu = next(n for n in model.graph.node if n.op_type == "Relu" and n.input[0] != "x")
+    assert replaced == relu.output[0], "the fused node stands for the Relu output it absorbed"
+
+
+def test_add_relu_is_kept_when_the_output_zero_point_is_not_qmin():
+    g = G()
+    x = g.qdq("x", 0.05, 128, np.uint8)
+    other = g.qdq(g.op("Relu", "x"), 0.03, 128, np.uint8)
+    y = g.qdq(g.op("Relu", g.op("Add", x, other)), 0.02, 128, np.uint8)
+    out = optimize(g.model({"x": (1, 4, 6, 6)}, [y]))
+    assert "QLinearAdd" not in ops(out) and "Add" in ops(out)

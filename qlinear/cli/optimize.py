@@ -12,6 +12,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--explain", action="store_true", help="print per node unit which rule fired or why not"
     )
+    p.add_argument(
+        "--layout",
+        choices=("nhwc", "nchw"),
+        default="nhwc",
+        help="run convolutions and pools channels-last (default) or leave them NCHW",
+    )
+    p.add_argument(
+        "--custom-ops",
+        action="store_true",
+        help="allow qlinear-only ops (the output then no longer loads in onnxruntime)",
+    )
     p.set_defaults(func=main)
 
 
@@ -21,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
 
     check_output_path(args.output, args.model)
     original = load_model(args.model)
-    optimized, lines = explain(original)
+    optimized, lines = explain(original, layout=args.layout, custom_ops=args.custom_ops)
     save_model(optimized, args.output, source=args.model)
     if args.explain:
         for line in lines:

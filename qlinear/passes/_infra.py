@@ -121,6 +121,7 @@ def _dead(node: ir.Node) -> bool:
         return True
     return not any(o.uses() or o.is_graph_output() for o in node.outputs)
 
+
 _counter = itertools.count()
 
 
@@ -194,9 +195,7 @@ def new_node(
     domain: str = "",
     num_outputs: int = 1,
 ) -> ir.Node:
-    node = ir.node(
-        op_type, list(inputs), attributes or {}, domain=domain, num_outputs=num_outputs
-    )
+    node = ir.node(op_type, list(inputs), attributes or {}, domain=domain, num_outputs=num_outputs)
     for out in node.outputs:
         out.name = fresh_name(op_type)
     node.name = fresh_name(op_type)
@@ -346,3 +345,46 @@ def tensor_dtype(value: ir.Value | None) -> np.dtype | None:
         return np.dtype(value.dtype.numpy())
     except (TypeError, ValueError):
         return None
+
+
+def output_unit(node: ir.Node) -> tuple[QDQ, ir.Value] | str:
+    """The Q after `node` (through an absorbable Relu/Clip) and the value it quantizes."""
+    out = node.outputs[0]
+    users = consumers(out)
+    if len(users) == 1 and not out.is_graph_output():
+        act = users[0]
+        if single_op(act, "Relu") or single_op(act, "Clip"):
+            q = only_q_consumer(act.outputs[0])
+            if isinstance(q, str):
+                return f"after {act.op_type}: {q}"
+            why = _activation_is_noop(act, q)
+            if why:
+                return why
+            return q, act.outputs[0]
+    q = only_q_consumer(out)
+    if isinstance(q, str):
+        return q
+    return q, out
+
+
+def _activation_is_noop(act: ir.Node, q: QDQ) -> str | None:
+    """None when Q(act(y)) == Q(y) for every y; otherwise why not."""
+    if not q.per_tensor:
+        return f"{act.op_type} before a per-axis QuantizeLinear"
+    qmin, qmax = q.params.qmin, q.params.qmax
+    if act.op_type == "Relu":
+        if q.scalar_zp != qmin:
+            return f"Relu not absorbable: output zero point {q.scalar_zp} != qmin {qmin}"
+        return None
+    lo = const_array(act.inputs[1]) if len(act.inputs) > 1 and act.inputs[1] else None
+    hi = const_array(act.inputs[2]) if len(act.inputs) > 2 and act.inputs[2] else None
+    if (len(act.inputs) > 1 and act.inputs[1] is not None and lo is None) or (
+        len(act.inputs) > 2 and act.inputs[2] is not None and hi is None
+    ):
+        return "Clip bounds are not constants"
+    scale, zp = q.scalar_scale, q.scalar_zp
+    if lo is not None and np.rint(np.float32(lo) / scale) + zp > qmin:
+        return "Clip lower bound is inside the output quantization range"
+    if hi is not None and np.rint(np.float32(hi) / scale) + zp < qmax:
+        return "Clip upper bound is inside the output quantization range"
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import onnx
 
@@ -14,10 +15,10 @@ from qlinear.passes.pipeline import optimize
 LINEAR_OPS = ("Conv", "MatMul", "Gemm")
 
 
-def explain(model: ModelLike) -> tuple[onnx.ModelProto, list[str]]:
-    """Optimize `model` and return it with one line per node unit the rules looked at."""
+def explain(model: ModelLike, **options: Any) -> tuple[onnx.ModelProto, list[str]]:
+    """Optimize `model` (options as `optimize`) and return it with one line per node unit."""
     log = ExplainLog()
-    optimized = optimize(model, log=log)
+    optimized = optimize(model, log=log, **options)
     return optimized, log.lines()
 
 
@@ -28,7 +29,8 @@ def fusion_counts(original: onnx.ModelProto, optimized: onnx.ModelProto) -> dict
     total = sum(before[o] for o in LINEAR_OPS)
     left = sum(after[o] for o in LINEAR_OPS)
     fused = sum(
-        1 for n in optimized.graph.node
+        1
+        for n in optimized.graph.node
         if any(p.key == REPLACES_KEY for p in n.metadata_props)
         and n.op_type in ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat")
     )

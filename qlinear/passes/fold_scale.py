@@ -69,8 +69,10 @@ class FoldScalePass(RulePass):
         for i in (0, 1):
             y, c_v = mul.inputs[i], mul.inputs[1 - i]
             prod = y.producer() if y is not None else None
-            if prod is not None and prod.op_type in ("Conv", "MatMul", "Gemm") and prod.domain in (
-                "", "ai.onnx"
+            if (
+                prod is not None
+                and prod.op_type in ("Conv", "MatMul", "Gemm")
+                and prod.domain in ("", "ai.onnx")
             ):
                 break
         else:

@@ -76,8 +76,12 @@ class FuseInt8FloatPass(RulePass):
         out = node.outputs[0]
         add = _bias_add(out, n)
         inputs = [
-            a.node.inputs[0], b.node.inputs[0], a.scale, b.scale,
-            zero_point_value(graph, a), zero_point_value(graph, b),
+            a.node.inputs[0],
+            b.node.inputs[0],
+            a.scale,
+            b.scale,
+            zero_point_value(graph, a),
+            zero_point_value(graph, b),
         ]
         if add is not None:
             inputs.append(add[1])
@@ -94,8 +98,13 @@ class FuseInt8FloatPass(RulePass):
             return self.refuse(node, gemm)
         a, b, bias, attrs = gemm
         inputs = [
-            a.node.inputs[0], a.scale, zero_point_value(graph, a),
-            b.node.inputs[0], b.scale, zero_point_value(graph, b), bias,
+            a.node.inputs[0],
+            a.scale,
+            zero_point_value(graph, a),
+            b.node.inputs[0],
+            b.scale,
+            zero_point_value(graph, b),
+            bias,
         ]
         fused = new_node(graph, node, "QGemm", inputs, attrs, domain=MS_DOMAIN)
         ensure_opset(graph, MS_DOMAIN, 1)

@@ -27,60 +27,15 @@ from qlinear.passes._infra import (
     RulePass,
     add_initializer,
     const_array,
-    consumers,
     dq_of,
     ensure_opset,
     new_node,
-    only_q_consumer,
+    output_unit,
     record_replaces,
     redirect_qs,
-    single_op,
     zero_point_value,
 )
 from qlinear.quant import QuantParams, bias_qparams, dequantize_affine, quantize_affine
-
-
-def output_unit(node: ir.Node) -> tuple[QDQ, ir.Value] | str:
-    """The Q after `node` (through an absorbable Relu/Clip) and the value it quantizes."""
-    out = node.outputs[0]
-    users = consumers(out)
-    if len(users) == 1 and not out.is_graph_output():
-        act = users[0]
-        if single_op(act, "Relu") or single_op(act, "Clip"):
-            q = only_q_consumer(act.outputs[0])
-            if isinstance(q, str):
-                return f"after {act.op_type}: {q}"
-            why = _activation_is_noop(act, q)
-            if why:
-                return why
-            return q, act.outputs[0]
-    q = only_q_consumer(out)
-    if isinstance(q, str):
-        return q
-    return q, out
-
-
-def _activation_is_noop(act: ir.Node, q: QDQ) -> str | None:
-    """None when Q(act(y)) == Q(y) for every y; otherwise why not."""
-    if not q.per_tensor:
-        return f"{act.op_type} before a per-axis QuantizeLinear"
-    qmin, qmax = q.params.qmin, q.params.qmax
-    if act.op_type == "Relu":
-        if q.scalar_zp != qmin:
-            return f"Relu not absorbable: output zero point {q.scalar_zp} != qmin {qmin}"
-        return None
-    lo = const_array(act.inputs[1]) if len(act.inputs) > 1 and act.inputs[1] else None
-    hi = const_array(act.inputs[2]) if len(act.inputs) > 2 and act.inputs[2] else None
-    if (len(act.inputs) > 1 and act.inputs[1] is not None and lo is None) or (
-        len(act.inputs) > 2 and act.inputs[2] is not None and hi is None
-    ):
-        return "Clip bounds are not constants"
-    scale, zp = q.scalar_scale, q.scalar_zp
-    if lo is not None and np.rint(np.float32(lo) / scale) + zp > qmin:
-        return "Clip lower bound is inside the output quantization range"
-    if hi is not None and np.rint(np.float32(hi) / scale) + zp < qmax:
-        return "Clip upper bound is inside the output quantization range"
-    return None
 
 
 def activation_input(node: ir.Node, index: int) -> QDQ | str:
@@ -194,7 +149,7 @@ class FuseQLinearPass(RulePass):
             inputs.append(bias)
         attrs = {k: v for k, v in node.attributes.items()}
         fused = new_node(graph, node, "QLinearConv", inputs, attrs)
-        record_replaces(fused, node.outputs[0].name)
+        record_replaces(fused, quantized.name)
         redirect_qs(graph, quantized, fused.outputs[0])
         return self.fired(node, "QLinearConv")
 
@@ -228,7 +183,7 @@ class FuseQLinearPass(RulePass):
             zero_point_value(graph, q),
         ]
         fused = new_node(graph, node, "QLinearMatMul", inputs)
-        record_replaces(fused, node.outputs[0].name)
+        record_replaces(fused, quantized.name)
         redirect_qs(graph, quantized, fused.outputs[0])
         return self.fired(node, "QLinearMatMul")
 
@@ -259,7 +214,7 @@ class FuseQLinearPass(RulePass):
         ]
         fused = new_node(graph, node, "QGemm", inputs, attrs, domain=MS_DOMAIN)
         ensure_opset(graph, MS_DOMAIN, 1)
-        record_replaces(fused, node.outputs[0].name)
+        record_replaces(fused, quantized.name)
         redirect_qs(graph, quantized, fused.outputs[0])
         return self.fired(node, "QGemm")
 

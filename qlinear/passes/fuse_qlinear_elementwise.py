@@ -9,6 +9,9 @@ Rules (every quantized operand and the output per-tensor, one 8-bit dtype):
   ``QLinearGlobalAveragePool``
 - ``Sigmoid``, ``LeakyRelu`` => ``QLinearSigmoid``, ``QLinearLeakyRelu``
 - ``Softmax`` (opset >= 13) => ``QLinearSoftmax``
+
+A Relu/Clip between the op and its Q is absorbed when the output range already
+clamps there (see ``output_unit``), e.g. a residual ``Add -> Relu -> Q``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from qlinear.passes._infra import (
     dq_of,
     ensure_opset,
     new_node,
-    only_q_consumer,
+    output_unit,
     record_replaces,
     redirect_qs,
     zero_point_value,
@@ -48,18 +51,19 @@ class FuseQLinearElementwisePass(RulePass):
         operands = self._operands(node)
         if isinstance(operands, str):
             return self.refuse(node, operands)
-        q = only_q_consumer(node.outputs[0])
-        if isinstance(q, str):
-            return self.refuse(node, q)
+        unit = output_unit(node)
+        if isinstance(unit, str):
+            return self.refuse(node, unit)
+        q, quantized = unit
         if not q.per_tensor:
             return self.refuse(node, "output QuantizeLinear is per-axis")
         if any(d.dtype != q.dtype for d in operands):
             return self.refuse(node, "operand and output dtypes differ (uint8 vs int8)")
         if node.op_type in _BINARY:
-            return self._try_binary(graph, node, operands, q)
+            return self._try_binary(graph, node, operands, q, quantized)
         if node.op_type == "Concat":
-            return self._try_concat(graph, node, operands, q)
-        return self._try_unary(graph, node, operands[0], q)
+            return self._try_concat(graph, node, operands, q, quantized)
+        return self._try_unary(graph, node, operands[0], q, quantized)
 
     def _operands(self, node: ir.Node) -> list[QDQ] | str:
         n = len(node.inputs) if node.op_type in ("Concat", *_BINARY) else 1
@@ -73,23 +77,34 @@ class FuseQLinearElementwisePass(RulePass):
             out.append(dq)
         return out
 
-    def _try_binary(self, graph: ir.Graph, node: ir.Node, ops: list[QDQ], q: QDQ) -> bool:
+    def _try_binary(
+        self, graph: ir.Graph, node: ir.Node, ops: list[QDQ], q: QDQ, quantized: ir.Value
+    ) -> bool:
         a, b = ops
         inputs = [
-            a.node.inputs[0], a.scale, zero_point_value(graph, a),
-            b.node.inputs[0], b.scale, zero_point_value(graph, b),
-            q.scale, zero_point_value(graph, q),
+            a.node.inputs[0],
+            a.scale,
+            zero_point_value(graph, a),
+            b.node.inputs[0],
+            b.scale,
+            zero_point_value(graph, b),
+            q.scale,
+            zero_point_value(graph, q),
         ]
-        return self._emit(graph, node, _BINARY[node.op_type], inputs, {}, q)
+        return self._emit(graph, node, _BINARY[node.op_type], inputs, {}, quantized)
 
-    def _try_concat(self, graph: ir.Graph, node: ir.Node, ops: list[QDQ], q: QDQ) -> bool:
+    def _try_concat(
+        self, graph: ir.Graph, node: ir.Node, ops: list[QDQ], q: QDQ, quantized: ir.Value
+    ) -> bool:
         inputs = [q.scale, zero_point_value(graph, q)]
         for d in ops:
             inputs += [d.node.inputs[0], d.scale, zero_point_value(graph, d)]
         axis = node.attributes["axis"].as_int()
-        return self._emit(graph, node, "QLinearConcat", inputs, {"axis": axis}, q)
+        return self._emit(graph, node, "QLinearConcat", inputs, {"axis": axis}, quantized)
 
-    def _try_unary(self, graph: ir.Graph, node: ir.Node, x: QDQ, q: QDQ) -> bool:
+    def _try_unary(
+        self, graph: ir.Graph, node: ir.Node, x: QDQ, q: QDQ, quantized: ir.Value
+    ) -> bool:
         attrs = {k: v for k, v in node.attributes.items()}
         op = node.op_type
         shape = node.inputs[0].shape or x.node.inputs[0].shape
@@ -109,16 +124,26 @@ class FuseQLinearElementwisePass(RulePass):
                 return self.refuse(node, "Softmax before opset 13 (2-D coercion)")
             attrs = {"axis": attrs["axis"].as_int() if "axis" in attrs else -1, "opset": opset}
         inputs = [
-            x.node.inputs[0], x.scale, zero_point_value(graph, x),
-            q.scale, zero_point_value(graph, q),
+            x.node.inputs[0],
+            x.scale,
+            zero_point_value(graph, x),
+            q.scale,
+            zero_point_value(graph, q),
         ]
-        return self._emit(graph, node, _UNARY[op], inputs, attrs, q)
+        return self._emit(graph, node, _UNARY[op], inputs, attrs, quantized)
 
     def _emit(
-        self, graph: ir.Graph, node: ir.Node, op: str, inputs: list, attrs: dict, q: QDQ
+        self,
+        graph: ir.Graph,
+        node: ir.Node,
+        op: str,
+        inputs: list,
+        attrs: dict,
+        quantized: ir.Value,
     ) -> bool:
+        """Replace the unit; `quantized` is the value its Q read (after any absorbed Relu)."""
         fused = new_node(graph, node, op, inputs, attrs, domain=MS_DOMAIN)
         ensure_opset(graph, MS_DOMAIN, 1)
-        record_replaces(fused, node.outputs[0].name)
-        redirect_qs(graph, node.outputs[0], fused.outputs[0])
+        record_replaces(fused, quantized.name)
+        redirect_qs(graph, quantized, fused.outputs[0])
         return self.fired(node, op)

@@ -32,8 +32,18 @@ from qlinear.passes.layout_analysis import (
 from qlinear.passes.layout_rewrite import apply_layout, cancel_transposes
 
 LAYOUTS = ("nchw", "nhwc")
-_LOGGED = frozenset({"Conv", "QLinearConv", "ConvInteger", "MaxPool", "QLinearGlobalAveragePool",
-                     "QLinearAveragePool", "AveragePool", "GlobalAveragePool"})
+_LOGGED = frozenset(
+    {
+        "Conv",
+        "QLinearConv",
+        "ConvInteger",
+        "MaxPool",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+        "AveragePool",
+        "GlobalAveragePool",
+    }
+)
 
 
 def _check_wiring(plan: LayoutPlan) -> None:
@@ -46,8 +56,10 @@ def _check_wiring(plan: LayoutPlan) -> None:
             need = plan.required(node, i)
             have = None if value is None else value.meta.get("qlinear.layout")
             if need is not None and have is not None and have != need:
-                bad.append(f"node {node.name!r} ({node.op_type}) input {i} "
-                           f"{value.name!r} is {have}, needs {need}")
+                bad.append(
+                    f"node {node.name!r} ({node.op_type}) input {i} "
+                    f"{value.name!r} is {have}, needs {need}"
+                )
     if bad:
         raise LayoutInvariantError("layout rewrite left mixed formats:\n  " + "\n  ".join(bad))
 
@@ -82,8 +94,11 @@ class LayoutPass(passes.InPlacePass):
         for node, role in plan.roles.items():
             if node.op_type not in _LOGGED or role.kind not in ("sensitive", "fixed"):
                 continue
-            what = ("LayoutPass: channels-last" if role.kind == "sensitive"
-                    else f"LayoutPass: stays NCHW ({role.why})")
+            what = (
+                "LayoutPass: channels-last"
+                if role.kind == "sensitive"
+                else f"LayoutPass: stays NCHW ({role.why})"
+            )
             key = node.meta.get(REPLACES_KEY) or (node.outputs[0].name if node.outputs else "?")
             unit = self.log.units.get(key)
             if unit is not None and unit.fired:

@@ -65,24 +65,87 @@ class Role:
     why: str = ""  # for fixed: why the node cannot change format
 
 
-_UNARY = frozenset({
-    "Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish", "Elu",
-    "Selu", "Celu", "Softplus", "Softsign", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal",
-    "Erf", "Floor", "Ceil", "Round", "Sign", "Identity", "Cast", "Gelu", "Mish",
-    "ThresholdedRelu", "Not", "IsNaN", "IsInf",
-})
-_BROADCAST = frozenset({
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Equal",
-    "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Where", "Mod",
-    "BitShift",
-})
-_MS_OPERANDS = {"QLinearAdd": (0, 3), "QLinearMul": (0, 3), "QLinearSigmoid": (0,),
-                "QLinearLeakyRelu": (0,)}
+_UNARY = frozenset(
+    {
+        "Relu",
+        "Clip",
+        "Sigmoid",
+        "Tanh",
+        "LeakyRelu",
+        "HardSigmoid",
+        "HardSwish",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Softplus",
+        "Softsign",
+        "Neg",
+        "Abs",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Reciprocal",
+        "Erf",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sign",
+        "Identity",
+        "Cast",
+        "Gelu",
+        "Mish",
+        "ThresholdedRelu",
+        "Not",
+        "IsNaN",
+        "IsInf",
+    }
+)
+_BROADCAST = frozenset(
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Max",
+        "Min",
+        "Sum",
+        "Mean",
+        "PRelu",
+        "Equal",
+        "Less",
+        "Greater",
+        "LessOrEqual",
+        "GreaterOrEqual",
+        "And",
+        "Or",
+        "Xor",
+        "Where",
+        "Mod",
+        "BitShift",
+    }
+)
+_MS_OPERANDS = {
+    "QLinearAdd": (0, 3),
+    "QLinearMul": (0, 3),
+    "QLinearSigmoid": (0,),
+    "QLinearLeakyRelu": (0,),
+}
 _AXIS_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
-_REDUCE = frozenset({
-    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
-    "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
-})
+_REDUCE = frozenset(
+    {
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceSumSquare",
+    }
+)
 _INT8 = (ir.DataType.UINT8, ir.DataType.INT8)
 
 
@@ -108,8 +171,7 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
     if arr is not None or value is None:
         return arr
     node = value.producer()
-    if node is None or not _std(node) or node.op_type not in ("Reshape", "Unsqueeze",
-                                                                "Identity"):
+    if node is None or not _std(node) or node.op_type not in ("Reshape", "Unsqueeze", "Identity"):
         return None
     data = const_array(_input(node, 0))
     if data is None:
@@ -173,11 +235,26 @@ class Ranks:
         if op == "Transpose" and "perm" in node.attributes:
             return len(node.attributes["perm"].as_ints())
         same_as_input = (
-            op in _UNARY or op in _MS_OPERANDS or op in _AXIS_OPS
-            or op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
-                      "QLinearConv", "ConvInteger", "Conv", "MaxPool", "NhwcMaxPool",
-                      "QLinearGlobalAveragePool", "QLinearAveragePool", "AveragePool",
-                      "GlobalAveragePool", "Resize", "QLinearSoftmax")
+            op in _UNARY
+            or op in _MS_OPERANDS
+            or op in _AXIS_OPS
+            or op
+            in (
+                "QuantizeLinear",
+                "DequantizeLinear",
+                "DynamicQuantizeLinear",
+                "QLinearConv",
+                "ConvInteger",
+                "Conv",
+                "MaxPool",
+                "NhwcMaxPool",
+                "QLinearGlobalAveragePool",
+                "QLinearAveragePool",
+                "AveragePool",
+                "GlobalAveragePool",
+                "Resize",
+                "QLinearSoftmax",
+            )
         )
         if same_as_input:
             return self(_input(node, 0))
@@ -411,8 +488,11 @@ def _nbytes(value: ir.Value) -> float:
 
 def _is_perm(node: ir.Node | None, perm: tuple[int, ...]) -> bool:
     return (
-        node is not None and node.op_type == "Transpose" and _std(node)
-        and "perm" in node.attributes and tuple(node.attributes["perm"].as_ints()) == perm
+        node is not None
+        and node.op_type == "Transpose"
+        and _std(node)
+        and "perm" in node.attributes
+        and tuple(node.attributes["perm"].as_ints()) == perm
     )
 
 
@@ -516,7 +596,8 @@ def plan_layout(graph: ir.Graph, opset: int, *, custom_ops: bool = False) -> Lay
             refusals[role.why] += 1
     node_fmt = {
         node: group_fmt[group_of[node.inputs[role.acts[0]]]]
-        for node, role in roles.items() if role.kind == "agnostic"
+        for node, role in roles.items()
+        if role.kind == "agnostic"
     }
     return LayoutPlan(roles, fmt, group_of, group_fmt, dict(refusals), node_fmt)
 
@@ -525,8 +606,11 @@ def plan_layout(graph: ir.Graph, opset: int, *, custom_ops: bool = False) -> Lay
 
 
 def _native_format(node: ir.Node) -> bool:
-    if node.domain == MS_DOMAIN and node.op_type in ("QLinearConv", "QLinearGlobalAveragePool",
-                                                     "QLinearAveragePool"):
+    if node.domain == MS_DOMAIN and node.op_type in (
+        "QLinearConv",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+    ):
         return bool(_attr_int(node, "channels_last", 0))
     return (node.domain == MS_DOMAIN and node.op_type == "NhwcMaxPool") or (
         node.domain == QLINEAR_DOMAIN and node.op_type == "ConvInteger"

@@ -115,8 +115,11 @@ class _Rewriter:
         if value not in self.permuted:
             arr = constant(value)
             full = arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
-            new = add_initializer(self.graph, np.ascontiguousarray(full.transpose(TO_NHWC)),
-                                  f"{value.name or 'const'}_nhwc")
+            new = add_initializer(
+                self.graph,
+                np.ascontiguousarray(full.transpose(TO_NHWC)),
+                f"{value.name or 'const'}_nhwc",
+            )
             new.meta[LAYOUT_KEY] = NHWC
             self.permuted[value] = new
         return self.permuted[value]
@@ -135,18 +138,24 @@ class _Rewriter:
             node.replace_input_with(i, self.permute_constant(node.inputs[i]))
         attrs = node.attributes
         if role.remap == "axis":
-            attrs["axis"] = ir.AttrInt64("axis", _to_nhwc_axis(attrs["axis"].as_int()
-                                                               if "axis" in attrs else -1))
+            attrs["axis"] = ir.AttrInt64(
+                "axis", _to_nhwc_axis(attrs["axis"].as_int() if "axis" in attrs else -1)
+            )
         elif role.remap == "qdq_axis":
-            attrs["axis"] = ir.AttrInt64("axis", _to_nhwc_axis(attrs["axis"].as_int()
-                                                               if "axis" in attrs else 1))
+            attrs["axis"] = ir.AttrInt64(
+                "axis", _to_nhwc_axis(attrs["axis"].as_int() if "axis" in attrs else 1)
+            )
         elif role.remap == "axes":
             axes = sorted(_to_nhwc_axis(a) for a in attrs["axes"].as_ints())
             attrs["axes"] = ir.AttrInt64s("axes", axes)
         elif role.remap == "axes_input":
-            self.vector_input(node, 1, lambda a: np.array(
-                sorted(_to_nhwc_axis(int(x)) for x in a.reshape(-1)), np.int64))
+            self.vector_input(
+                node,
+                1,
+                lambda a: np.array(sorted(_to_nhwc_axis(int(x)) for x in a.reshape(-1)), np.int64),
+            )
         elif role.remap == "resize":
+
             def perm(a: np.ndarray) -> np.ndarray:
                 return np.ascontiguousarray(a[list(TO_NHWC)])
 

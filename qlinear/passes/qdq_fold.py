@@ -53,8 +53,9 @@ class CancelDQQPass(RulePass):
             return False
         source = dq.node.inputs[0]
         out = node.outputs[0]
-        if out.is_graph_output() and (source.is_graph_input() or source.is_graph_output()
-                                      or source.const_value is not None):
+        if out.is_graph_output() and (
+            source.is_graph_input() or source.is_graph_output() or source.const_value is not None
+        ):
             return False  # keep a node so the output keeps its own name
         replace_output(graph, out, source)
         return True
@@ -105,13 +106,20 @@ class IntegerDataMovementPass(RulePass):
         return self._rebuild(graph, node, [d.node.inputs[0] for d in dqs])
 
     def _rebuild(
-        self, graph: ir.Graph, node: ir.Node, inputs: list, dq: QDQ | None = None,
+        self,
+        graph: ir.Graph,
+        node: ir.Node,
+        inputs: list,
+        dq: QDQ | None = None,
         q: QDQ | None = None,
     ) -> bool:
         """`node` on the integer inputs; with dq/q, followed by the one requantize DQ->Q."""
         moved = ir.node(
-            node.op_type, inputs, {k: v for k, v in node.attributes.items()},
-            num_outputs=1, name=fresh_name(node.op_type),
+            node.op_type,
+            inputs,
+            {k: v for k, v in node.attributes.items()},
+            num_outputs=1,
+            name=fresh_name(node.op_type),
         )
         moved.outputs[0].name = fresh_name(node.op_type)
         src = inputs[0]
@@ -121,10 +129,12 @@ class IntegerDataMovementPass(RulePass):
         record_replaces(moved, node.outputs[0].name)
         result = moved.outputs[0]
         if dq is not None and q is not None:
-            requant_dq = new_node(graph, node, "DequantizeLinear", [result, dq.scale,
-                                                                  dq.zero_point])
-            requant_q = new_node(graph, node, "QuantizeLinear", [requant_dq.outputs[0],
-                                                               q.scale, q.zero_point])
+            requant_dq = new_node(
+                graph, node, "DequantizeLinear", [result, dq.scale, dq.zero_point]
+            )
+            requant_q = new_node(
+                graph, node, "QuantizeLinear", [requant_dq.outputs[0], q.scale, q.zero_point]
+            )
             result = requant_q.outputs[0]
         for q_node in consumers(node.outputs[0]):
             replace_output(graph, q_node.outputs[0], result)
