@@ -71,3 +71,24 @@ def test_quantized_weight_scale_absorbs_positive_factor():
     assert "Mul" not in ops(out) and "QLinearConv" in ops(out)
     feed = {"x": RNG.normal(size=(1, 4, 5, 5)).astype(np.float32)}
     assert np.abs(run(model, feed)[0] - run(out, feed)[0]).max() <= 0.1 + 1e-6
+
+
+def test_folded_conv_takes_the_batchnorm_output_name():
+    """Compare matches tensors by name: the pre-BN name must not label a post-BN value."""
+    g = G()
+    w = RNG.normal(size=(6, 3, 3, 3)).astype(np.float32)
+    conv_out = g.op("Conv", "x", g.const(w))
+    p = [RNG.uniform(0.5, 2, 6), RNG.normal(size=6), RNG.normal(size=6), RNG.uniform(0.5, 2, 6)]
+    bn_out = g.op("BatchNormalization", conv_out, *[g.const(a.astype(np.float32)) for a in p])
+    y = g.op("Relu", bn_out)
+    out = fold_float(g.model({"x": (2, 3, 8, 8)}, [y]))
+    conv = next(n for n in out.graph.node if n.op_type == "Conv")
+    assert conv.output[0] == bn_out
+    assert all(conv_out not in n.input and conv_out not in n.output for n in out.graph.node)
+
+
+def test_folded_mul_gives_its_name_to_the_conv():
+    model, _, _ = _conv_mul((4, 1, 1))
+    mul_out = next(n for n in model.graph.node if n.op_type == "Mul").output[0]
+    out = fold_float(model)
+    assert out.graph.node[0].output[0] == mul_out == out.graph.output[0].name

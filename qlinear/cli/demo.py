@@ -8,6 +8,7 @@ model on held-out inputs. Every file is written to `--out` so the user can open 
 from __future__ import annotations
 
 import argparse
+import io
 import time
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def main(args: argparse.Namespace) -> int:
     )
 
     feeds = zoo.example_inputs(name, model, batch=args.eval_batch, seed=1)
+    _save_npz(out / "calib.npz", {k: np.concatenate([b[k] for b in calibration]) for k in feeds})
+    _save_npz(out / "eval.npz", feeds)
     float_session = Session(float_path)
     int8_session = Session(fused_path, optimize=False)
     expected = float_session.run(None, feeds)
@@ -75,7 +78,20 @@ def main(args: argparse.Namespace) -> int:
         if stats.top1_total:
             line += f", top-1 agreement {stats.top1_hits / stats.top1_total:.1%}"
         print(line)
+    print(
+        f"next: qlinear compare {float_path} {qdq_path} --data {out / 'eval.npz'} "
+        f"--report {out / 'report'}"
+    )
     return 0
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Data in the format every command's --calib/--data takes (arrays keyed by input name)."""
+    from qlinear.onnx_io import atomic_write
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write(path, buffer.getvalue())
 
 
 def _median_ms(session: object, feeds: dict[str, np.ndarray], runs: int = 5) -> float:

@@ -161,8 +161,16 @@ def single_op(node: ir.Node | None, op_type: str) -> bool:
     return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
 
 
-def replace_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Point every use of `old` (graph outputs included, keeping the name) at `new`."""
+def replace_output(
+    graph: ir.Graph, old: ir.Value, new: ir.Value, *, take_name: bool = False
+) -> None:
+    """Point every use of `old` (graph outputs included, keeping the name) at `new`.
+
+    take_name: `new` now computes what `old` did (a fold made the producer absorb the
+    consumer), so it also takes `old`'s name; the tensor `new` was named for no longer
+    exists. Per-layer compare matches tensors by name, so a folded Conv must not keep
+    reporting its pre-BatchNorm name for a post-BatchNorm value.
+    """
     if new.shape is None and old.shape is not None:
         new.shape = old.shape
     if new.type is None and old.type is not None:
@@ -170,8 +178,8 @@ def replace_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     is_output = old.is_graph_output()
     name = old.name
     old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if is_output:
-        old.name = fresh_name(name or "dead")
+    if (take_name or is_output) and name:
+        old.name = fresh_name(name)
         new.name = name
     elif new.name is None:
         new.name = fresh_name(name or "v")

@@ -69,5 +69,5 @@ class FoldBatchNormPass(RulePass):
         else:
             conv.resize_inputs(3)
             conv.replace_input_with(2, b_v)
-        replace_output(graph, bn.outputs[0], x)
+        replace_output(graph, bn.outputs[0], x, take_name=True)
         return self.fired(bn, "folded into Conv")

@@ -97,7 +97,7 @@ class FoldScalePass(RulePass):
             done = self._scale_quantized(graph, prod, vec)
         if isinstance(done, str):
             return self.refuse(mul, done)
-        replace_output(graph, mul.outputs[0], y)
+        replace_output(graph, mul.outputs[0], y, take_name=True)
         return self.fired(mul, f"folded into {prod.op_type} weights")
 
     def _scale_float(
