@@ -67,7 +67,7 @@ def ops(model: onnx.ModelProto) -> list[str]:
 
 
 def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    return Session(model).run(None, feeds)
+    return Session(model, optimize=False).run(None, feeds)
 
 
 def ort_run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
