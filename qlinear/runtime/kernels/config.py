@@ -24,7 +24,7 @@ import numba
 from llvmlite import binding as llvm
 
 #: Flags for integer kernels: cached on disk, no fastmath (bit-exact), nogil.
-JIT = {"nopython": True, "cache": True, "fastmath": False, "nogil": True}
+JIT = {"cache": True, "fastmath": False, "nogil": True}
 #: Same, parallel over prange loops (both cores).
 JIT_PARALLEL = {**JIT, "parallel": True}
 

@@ -19,14 +19,21 @@ register tile (no int32 tensor is materialised for the last two).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from qlinear.runtime.kernels import config
-from qlinear.runtime.kernels.config import JIT, JIT_PARALLEL
-from qlinear.runtime.kernels.requant import OUT_FLOAT, OUT_INT32, OUT_QUANTIZED
+from qlinear.runtime.kernels.config import JIT
+from qlinear.runtime.kernels.parallel import claim, finish, run_tasks
+from qlinear.runtime.kernels.requant import (
+    OUT_FLOAT,
+    OUT_INT32,
+    OUT_QUANTIZED,
+    requantize_value,
+)
 from qlinear.runtime.kernels.vnni import (
     MAX_ROWS,
     TILE_COLS,
@@ -63,15 +70,30 @@ class PackedWeights:
     groups: int
     cols: int
     panels: int
+    has_zero_point: bool = False
+    #: per-call values that only depend on shapes / zero points, memoized (small)
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def step_bytes(self) -> int:
         """Packed bytes of one 64-column panel."""
         return self.taps * self.c4 * TILE_COLS * 4
 
-    @property
-    def has_zero_point(self) -> bool:
-        return bool(np.any(self.zero_point))
+    def column_term(self, a_zp: int, bias: np.ndarray | None) -> np.ndarray:
+        """int32 [G*cols]: bias - a_zp*colsum + K*a_zp*b_zp (int32 wrap-around, like ORT)."""
+        key = ("col", a_zp, None if bias is None else bias.tobytes())
+        hit = self.memo.get(key)
+        if hit is None:
+            zpk = np.int64(a_zp)
+            col = -zpk * self.colsum.astype(np.int64) + self.k * zpk * self.zero_point
+            if bias is not None:
+                n = self.groups * self.cols
+                col = col + np.broadcast_to(np.asarray(bias, np.int64).reshape(-1), (n,))
+            hit = col.astype(np.int32)
+            if len(self.memo) > 64:
+                self.memo.clear()
+            self.memo[key] = hit
+        return hit
 
 
 def pack_weights(w: np.ndarray, zero_point: np.ndarray | int) -> PackedWeights:
@@ -104,6 +126,7 @@ def pack_weights(w: np.ndarray, zero_point: np.ndarray | int) -> PackedWeights:
         groups=g,
         cols=n,
         panels=panels,
+        has_zero_point=bool(np.any(zp)),
     )
 
 
@@ -118,7 +141,7 @@ def pack_matrix(b: np.ndarray, zero_point: np.ndarray | int = 0) -> PackedWeight
 
 
 @njit(inline="always", **JIT)
-def _portable_tile(a, row_off, taps, c4, b, b_off, tile, rows):
+def _portable_tile(a, row_off, taps, c4, a_step, b, b_off, tile, rows):
     """Plain-loop twin of the VNNI tile (same layouts), for CPUs without VNNI and for tests."""
     for i in range(rows * TILE_COLS):
         tile[i] = 0
@@ -126,54 +149,177 @@ def _portable_tile(a, row_off, taps, c4, b, b_off, tile, rows):
     for t in range(taps.shape[0]):
         for q in range(c4):
             for r in range(rows):
-                base = row_off[r] + taps[t] + 4 * q
+                base = row_off[r] + taps[t] + a_step * q
                 a0 = np.int32(a[base])
                 a1 = np.int32(a[base + 1])
                 a2 = np.int32(a[base + 2])
                 a3 = np.int32(a[base + 3])
                 for j in range(TILE_COLS):
                     p = step + 4 * j
-                    s = (a0 * np.int32(b[p]) + a1 * np.int32(b[p + 1])
-                         + a2 * np.int32(b[p + 2]) + a3 * np.int32(b[p + 3]))
+                    s = (
+                        a0 * np.int32(b[p])
+                        + a1 * np.int32(b[p + 1])
+                        + a2 * np.int32(b[p + 2])
+                        + a3 * np.int32(b[p + 3])
+                    )
                     tile[r * TILE_COLS + j] += np.int32(s)
             step += TILE_COLS * 4
 
 
 @njit(inline="always", **JIT)
-def _tile(a, row_off, taps, c4, b, b_off, tile, rows, use_vnni):
+def _tile(a, row_off, taps, c4, a_step, b, b_off, tile, rows, use_vnni):
     if not use_vnni:
-        _portable_tile(a, row_off, taps, c4, b, b_off, tile, rows)
+        _portable_tile(a, row_off, taps, c4, a_step, b, b_off, tile, rows)
     elif rows == 6:
-        vnni_tile_6x64(a, row_off, taps, c4, b, b_off, tile)
+        vnni_tile_6x64(a, row_off, taps, c4, a_step, b, b_off, tile)
     elif rows == 5:
-        vnni_tile_5x64(a, row_off, taps, c4, b, b_off, tile)
+        vnni_tile_5x64(a, row_off, taps, c4, a_step, b, b_off, tile)
     elif rows == 4:
-        vnni_tile_4x64(a, row_off, taps, c4, b, b_off, tile)
+        vnni_tile_4x64(a, row_off, taps, c4, a_step, b, b_off, tile)
     elif rows == 3:
-        vnni_tile_3x64(a, row_off, taps, c4, b, b_off, tile)
+        vnni_tile_3x64(a, row_off, taps, c4, a_step, b, b_off, tile)
     elif rows == 2:
-        vnni_tile_2x64(a, row_off, taps, c4, b, b_off, tile)
+        vnni_tile_2x64(a, row_off, taps, c4, a_step, b, b_off, tile)
     else:
-        vnni_tile_1x64(a, row_off, taps, c4, b, b_off, tile)
+        vnni_tile_1x64(a, row_off, taps, c4, a_step, b, b_off, tile)
 
 
-@njit(**JIT_PARALLEL)
-def _gemm_tiles(a, row_off, group_stride, taps, c4, bpack, panel_bytes, groups, cols, panels,
-                m_total, m_block, col_term, bzp, rowsum, use_rowsum, out_row_off, out_col_stride,
-                mode, out_i32, out_q, mult, y_zp, q_lo, q_hi, out_f, fscale, fbias, use_vnni):
-    """Every (group, row block, 64-column panel) task in parallel; epilogue from the tile."""
+@njit(inline="always", **JIT)
+def _epilogue(
+    tile,
+    rows,
+    ncols,
+    m0,
+    n0,
+    rs0,
+    col_term,
+    bzp,
+    rowsum,
+    use_rowsum,
+    out_row_off,
+    out_col_stride,
+    mode,
+    out_i32,
+    out_q,
+    mult,
+    zp,
+    lo,
+    hi,
+    out_f,
+    fscale,
+    fbias,
+):
+    """Zero-point corrections in place on the int32 tile, then int32/8-bit/float stores.
+
+    Loops index slices with plain range variables (no negative-index fix-ups), so LLVM
+    vectorizes them; int32 arithmetic wraps exactly like ORT's int32 accumulator.
+    """
+    colt = col_term[n0 : n0 + ncols]
+    for r in range(rows):
+        t = tile[r * TILE_COLS : r * TILE_COLS + ncols]
+        if use_rowsum:
+            rs = rowsum[rs0 + m0 + r]
+            bz = bzp[n0 : n0 + ncols]
+            for j in range(ncols):
+                t[j] = np.int32(t[j] + colt[j] - bz[j] * rs)
+        else:
+            for j in range(ncols):
+                t[j] = np.int32(t[j] + colt[j])
+    if out_col_stride == 1:
+        for r in range(rows):
+            t = tile[r * TILE_COLS : r * TILE_COLS + ncols]
+            o = out_row_off[m0 + r] + n0
+            if mode == 0:
+                oi = out_i32[o : o + ncols]
+                for j in range(ncols):
+                    oi[j] = t[j]
+            elif mode == 1:
+                oq = out_q[o : o + ncols]
+                ml = mult[n0 : n0 + ncols]
+                for j in range(ncols):
+                    oq[j] = np.uint8(requantize_value(t[j], ml[j], zp, lo, hi) & 0xFF)
+            else:
+                of = out_f[o : o + ncols]
+                fs = fscale[n0 : n0 + ncols]
+                fb = fbias[n0 : n0 + ncols]
+                for j in range(ncols):
+                    of[j] = np.float32(t[j]) * fs[j] + fb[j]
+    else:
+        for j in range(ncols):
+            n = n0 + j
+            o = n * out_col_stride
+            if mode == 0:
+                for r in range(rows):
+                    out_i32[out_row_off[m0 + r] + o] = tile[r * TILE_COLS + j]
+            elif mode == 1:
+                ml = mult[n]
+                for r in range(rows):
+                    q = requantize_value(tile[r * TILE_COLS + j], ml, zp, lo, hi)
+                    out_q[out_row_off[m0 + r] + o] = np.uint8(q & 0xFF)
+            else:
+                fs = fscale[n]
+                fb = fbias[n]
+                for r in range(rows):
+                    out_f[out_row_off[m0 + r] + o] = np.float32(tile[r * TILE_COLS + j]) * fs + fb
+
+
+@njit(**JIT)
+def _gemm_tiles(
+    counters,
+    a,
+    row_off,
+    group_stride,
+    taps,
+    c4,
+    a_step,
+    bpack,
+    panel_bytes,
+    groups,
+    cols,
+    panels,
+    m_total,
+    m_block,
+    col_term,
+    bzp,
+    rowsum,
+    use_rowsum,
+    out_row_off,
+    out_col_stride,
+    mode,
+    out_i32,
+    out_q,
+    mult,
+    y_zp,
+    q_lo,
+    q_hi,
+    out_f,
+    fscale,
+    fbias,
+    use_vnni,
+):
+    """Claims (group, row block, 64-column panel) tasks; epilogue straight from the tile."""
     m_blocks = (m_total + m_block - 1) // m_block
     per_group = m_blocks * panels
+    ntasks = groups * per_group
+    pg_size = max(1, min(panels, (256 * 1024) // panel_bytes))
     lo = np.float32(q_lo - y_zp)
     hi = np.float32(q_hi - y_zp)
     zp = np.int32(y_zp)
-    for task in prange(groups * per_group):
+    tile = np.empty(MAX_ROWS * TILE_COLS, np.int32)
+    offs = np.empty(MAX_ROWS, np.int64)
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
         g = task // per_group
         rem = task - g * per_group
-        mb = rem // panels
-        panel = rem - mb * panels
-        tile = np.empty(MAX_ROWS * TILE_COLS, np.int32)
-        offs = np.empty(MAX_ROWS, np.int64)
+        # panels go in groups of ~256 KB of weights; inside a group, row blocks outer and
+        # panels inner: the group stays in L2 while every row block streams past it
+        pgi = rem // (m_blocks * pg_size)
+        cnt = min(pg_size, panels - pgi * pg_size)
+        local = rem - pgi * pg_size * m_blocks
+        mb = local // cnt
+        panel = pgi * pg_size + (local - mb * cnt)
         b_off = (g * panels + panel) * panel_bytes
         n0 = panel * TILE_COLS
         ncols = min(TILE_COLS, cols - n0)
@@ -182,33 +328,39 @@ def _gemm_tiles(a, row_off, group_stride, taps, c4, bpack, panel_bytes, groups, 
             rows = min(MAX_ROWS, m_end - m0)
             for r in range(rows):
                 offs[r] = row_off[m0 + r] + g * group_stride
-            _tile(a, offs, taps, c4, bpack, b_off, tile, rows, use_vnni)
-            for r in range(rows):
-                m = m0 + r
-                rs = np.int64(rowsum[g * m_total + m]) if use_rowsum else np.int64(0)
-                orow = out_row_off[m]
-                for j in range(ncols):
-                    gn = g * cols + n0 + j
-                    acc64 = np.int64(tile[r * TILE_COLS + j]) + np.int64(col_term[gn])
-                    if use_rowsum:
-                        acc64 -= np.int64(bzp[gn]) * rs
-                    acc = np.int32(acc64)
-                    o = orow + gn * out_col_stride
-                    if mode == 0:
-                        out_i32[o] = acc
-                    elif mode == 1:
-                        v = np.float32(acc) * mult[gn]
-                        v = min(max(v, lo), hi)
-                        out_q[o] = np.uint8((np.int32(np.rint(v)) + zp) & 0xFF)
-                    else:
-                        out_f[o] = np.float32(acc) * fscale[gn] + fbias[gn]
+            _tile(a, offs, taps, c4, a_step, bpack, b_off, tile, rows, use_vnni)
+            _epilogue(
+                tile,
+                rows,
+                ncols,
+                m0,
+                g * cols + n0,
+                g * m_total,
+                col_term,
+                bzp,
+                rowsum,
+                use_rowsum,
+                out_row_off,
+                out_col_stride,
+                mode,
+                out_i32,
+                out_q,
+                mult,
+                zp,
+                lo,
+                hi,
+                out_f,
+                fscale,
+                fbias,
+            )
+        finish(counters)
 
 
-@njit(**JIT_PARALLEL)
+@njit(**JIT)
 def _row_sums(a, row_off, group_stride, taps, width, groups, out):
     """out[g*M + m] = sum of the activations row m of group g reads (real channels only)."""
     m_total = row_off.shape[0]
-    for gm in prange(groups * m_total):
+    for gm in range(groups * m_total):
         g = gm // m_total
         m = gm - g * m_total
         base = row_off[m] + g * group_stride
@@ -220,15 +372,40 @@ def _row_sums(a, row_off, group_stride, taps, width, groups, out):
         out[gm] = np.int32(s)
 
 
-@njit(**JIT_PARALLEL)
-def _shift_pad_rows(a, shift, kp, out):
-    """out[m, :K] = a[m, :] + shift (as uint8), zero padding up to kp columns."""
-    m_total, k = a.shape
-    for m in prange(m_total):
-        for c in range(k):
-            out[m * kp + c] = np.uint8((np.int32(a[m, c]) + shift) & 0xFF)
-        for c in range(k, kp):
-            out[m * kp + c] = 0
+@njit(**JIT)
+def _pack_row_tiles(counters, a, flip, out, rowsum):
+    """out[tile][q][r] = a[tile*MR + r, q] ^ flip, on 4-byte words; row sums of the bytes.
+
+    `a` is A viewed as uint32 words [M, K/4] (K padded to 4 with zeros); flip
+    0x80808080 adds 128 to every byte mod 256 (int8 -> uint8). Rows past M are zero.
+    One task = 8 tiles.
+    """
+    m_total, k4 = a.shape
+    tiles = out.shape[0] // (MAX_ROWS * k4)
+    want = rowsum.shape[0] > 0
+    ntasks = (tiles + 7) // 8
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        for t in range(task * 8, min(tiles, task * 8 + 8)):
+            base = t * k4 * MAX_ROWS
+            for r in range(MAX_ROWS):
+                m = t * MAX_ROWS + r
+                if m < m_total:
+                    s = np.uint32(0)
+                    for q in range(k4):
+                        w = a[m, q] ^ flip
+                        out[base + q * MAX_ROWS + r] = w
+                        if want:
+                            s += (w & np.uint32(0xFF)) + ((w >> np.uint32(8)) & np.uint32(0xFF))
+                            s += ((w >> np.uint32(16)) & np.uint32(0xFF)) + (w >> np.uint32(24))
+                    if want:
+                        rowsum[m] = np.int32(s)
+                else:
+                    for q in range(k4):
+                        out[base + q * MAX_ROWS + r] = np.uint32(0)
+        finish(counters)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -239,10 +416,11 @@ _EMPTY_F32 = np.zeros(0, np.float32)
 
 
 def _pick_row_block(m: int, tasks_per_row_block: int) -> int:
-    """Row block (multiple of MR): big enough to reuse A, small enough for >= 8 tasks."""
-    want_blocks = max(1, -(-8 // max(tasks_per_row_block, 1)))
+    """Row block (multiple of MR): >= 16 tasks and at most 48 rows, so the last task a
+    thread claims is short (the caller waits for it) while A still stays in L1/L2."""
+    want_blocks = max(1, -(-16 // max(tasks_per_row_block, 1)))
     block = round_up(max(1, -(-m // want_blocks)), MAX_ROWS)
-    return max(MAX_ROWS, min(block, 16 * MAX_ROWS))
+    return max(MAX_ROWS, min(block, 8 * MAX_ROWS))
 
 
 def run_packed(
@@ -264,26 +442,28 @@ def run_packed(
     fscale: np.ndarray | None = None,
     fbias: np.ndarray | None = None,
     use_vnni: bool | None = None,
+    a_step: int = 4,
+    rowsum: np.ndarray | None = None,
 ) -> None:
     """Run the tiled driver over a prepared uint8 activation buffer into `out` (flat).
 
     `a_zp` is the activation zero point in the uint8 domain of `a` (already shifted).
     `bias` (int32 per column) is added to the accumulator; `fscale`/`fbias` are the
-    float epilogue's per-column scale and bias.
+    float epilogue's per-column scale and bias. `a_step` is the byte distance between
+    consecutive 4-byte groups of one row (4 unpacked, 4*MR for A packed in tiles);
+    `rowsum` may be given when the packing already computed it.
     """
     m_total = row_off.shape[0]
     ncols_all = packed.groups * packed.cols
-    zpk = np.int64(a_zp)
-    col = -zpk * packed.colsum.astype(np.int64) + packed.k * zpk * packed.zero_point
-    if bias is not None:
-        col = col + np.broadcast_to(np.asarray(bias, np.int64).reshape(-1), (ncols_all,))
-    col_term = col.astype(np.int32)  # int32 wrap-around, as ORT's int32 accumulator
+    col_term = packed.column_term(int(a_zp), None if bias is None else np.asarray(bias))
     use_rowsum = packed.has_zero_point
-    if use_rowsum:
+    if not use_rowsum:
+        rowsum = _EMPTY_I32
+    elif rowsum is None:
+        if a_step != 4:
+            raise ValueError("row sums of tile-packed activations must come from the packing")
         rowsum = np.empty(packed.groups * m_total, np.int32)
         _row_sums(a, row_off, group_stride, taps, packed.c4 * 4, packed.groups, rowsum)
-    else:
-        rowsum = _EMPTY_I32
     vnni = config.use_vnni() if use_vnni is None else use_vnni
     m_block = _pick_row_block(m_total, packed.groups * packed.panels)
     out_i32 = out if mode == OUT_INT32 else _EMPTY_I32
@@ -291,41 +471,106 @@ def run_packed(
     out_f = out if mode == OUT_FLOAT else _EMPTY_F32
     if fscale is not None and fbias is None:
         fbias = np.zeros(ncols_all, np.float32)
-    _gemm_tiles(
-        a, row_off, np.int64(group_stride), taps, np.int64(packed.c4), packed.data,
-        np.int64(packed.step_bytes), np.int64(packed.groups), np.int64(packed.cols),
-        np.int64(packed.panels), np.int64(m_total), np.int64(m_block), col_term,
-        packed.zero_point, rowsum, use_rowsum, out_row_off, np.int64(out_col_stride),
-        np.int64(mode), out_i32, out_q,
-        mult if mult is not None else _EMPTY_F32, np.int64(y_zp),
-        np.int64(q_range[0]), np.int64(q_range[1]), out_f,
+    m_blocks = -(-m_total // m_block)
+    ntasks = packed.groups * packed.panels * m_blocks
+    # streaming the packed weights costs too (M=1 heads are memory-bound)
+    work = m_total * ncols_all * packed.k + packed.data.size * 4
+    run_tasks(
+        _gemm_tiles,
+        ntasks,
+        work,
+        a,
+        row_off,
+        np.int64(group_stride),
+        taps,
+        np.int64(packed.c4),
+        np.int64(a_step),
+        packed.data,
+        np.int64(packed.step_bytes),
+        np.int64(packed.groups),
+        np.int64(packed.cols),
+        np.int64(packed.panels),
+        np.int64(m_total),
+        np.int64(m_block),
+        col_term,
+        packed.zero_point,
+        rowsum,
+        use_rowsum,
+        out_row_off,
+        np.int64(out_col_stride),
+        np.int64(mode),
+        out_i32,
+        out_q,
+        mult if mult is not None else _EMPTY_F32,
+        np.int64(y_zp),
+        np.int64(q_range[0]),
+        np.int64(q_range[1]),
+        out_f,
         fscale if fscale is not None else _EMPTY_F32,
-        fbias if fbias is not None else _EMPTY_F32, bool(vnni),
+        fbias if fbias is not None else _EMPTY_F32,
+        bool(vnni),
     )
 
 
-def prepare_rows(a: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """A [M, K] (uint8/int8) as the flat uint8 buffer the kernel reads, its row stride, shift.
+def pack_rows(
+    a: np.ndarray, want_rowsum: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """A [M, K] (uint8/int8) packed per call into MR-row tiles [M/MR][K4][MR][4] (uint8).
 
-    uint8 with K % 4 == 0 is used in place; otherwise rows are shifted into uint8 and
-    padded to a multiple of 4 with zeros (padding never enters a sum: weights are 0 there).
+    One contiguous stream per tile keeps the micro-kernel's broadcasts in cache lines
+    the prefetcher already fetched. int8 is shifted by +128 on the way, K is padded
+    with zeros (weights are 0 there too) and row sums come out of the same pass.
+    Returns (buffer, row offsets, row sums or None, shift).
     """
     if a.dtype not in ACT_SHIFT:
         raise TypeError(f"activations must be uint8 or int8, got {a.dtype}")
     shift = ACT_SHIFT[a.dtype]
     m, k = a.shape
     kp = round_up(max(k, 1), 4)
-    if shift == 0 and kp == k and a.flags.c_contiguous:
-        return a.reshape(-1), kp, 0
-    buf = np.empty(m * kp, np.uint8)
-    _shift_pad_rows(np.ascontiguousarray(a), np.int32(shift), np.int64(kp), buf)
-    return buf, kp, shift
+    mp = round_up(max(m, 1), MAX_ROWS)
+    a8 = np.ascontiguousarray(a).view(np.uint8)
+    if kp != k:
+        a8 = np.pad(a8, ((0, 0), (0, kp - k)), constant_values=0x80 if shift else 0)
+    buf = np.empty(mp * kp, np.uint8)
+    rowsum = np.empty(m if want_rowsum else 0, np.int32)
+    flip = np.uint32(0x80808080 if shift else 0)
+    tiles = mp // MAX_ROWS
+    run_tasks(
+        _pack_row_tiles,
+        -(-tiles // 8),
+        m * kp * 32,
+        a8.view(np.uint32),
+        flip,
+        buf.view(np.uint32),
+        rowsum,
+    )
+    return buf, _tile_row_offsets(m, kp), (rowsum if want_rowsum else None), shift
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_row_offsets(m: int, kp: int) -> np.ndarray:
+    idx = np.arange(m, dtype=np.int64)
+    off = (idx // MAX_ROWS) * (MAX_ROWS * kp) + (idx % MAX_ROWS) * 4
+    off.flags.writeable = False
+    return off
+
+
+@functools.lru_cache(maxsize=256)
+def _strided_offsets(m: int, stride: int) -> np.ndarray:
+    off = np.arange(m, dtype=np.int64) * stride
+    off.flags.writeable = False
+    return off
+
+
+_TAP0 = np.zeros(1, np.int64)
+_Q_RANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 
 
 def _check(a: np.ndarray, packed: PackedWeights) -> None:
     if a.ndim != 2 or packed.groups != 1 or packed.taps != 1 or a.shape[1] != packed.k:
         raise ValueError(
-            f"A {a.shape} does not match packed weights (K={packed.k}, groups={packed.groups})")
+            f"A {a.shape} does not match packed weights (K={packed.k}, groups={packed.groups})"
+        )
 
 
 def gemm(
@@ -349,9 +594,8 @@ def gemm(
     _check(a, packed)
     m = a.shape[0]
     n = packed.cols
-    buf, kp, shift = prepare_rows(a)
-    row_off = np.arange(m, dtype=np.int64) * kp
-    taps = np.zeros(1, np.int64)
+    buf, row_off, rowsum, shift = pack_rows(a, packed.has_zero_point)
+    taps = _TAP0
     out_dtype = np.dtype(out_dtype)
     out = np.empty((m, n), out_dtype)
     if out_dtype == np.int32:
@@ -366,14 +610,25 @@ def gemm(
             raise ValueError("quantized output needs mult")
     else:
         raise TypeError(f"unsupported output dtype {out_dtype}")
-    info = np.iinfo(out_dtype) if mode == OUT_QUANTIZED else np.iinfo(np.uint8)
     run_packed(
-        buf, row_off, 0, taps, int(a_zp) + shift, packed, mode=mode, out=out.reshape(-1),
-        out_row_off=np.arange(m, dtype=np.int64) * n, out_col_stride=1, bias=bias,
+        buf,
+        row_off,
+        0,
+        taps,
+        int(a_zp) + shift,
+        packed,
+        mode=mode,
+        out=out.reshape(-1),
+        out_row_off=_strided_offsets(m, n),
+        out_col_stride=1,
+        bias=bias,
         mult=None if mult is None else np.ascontiguousarray(mult, np.float32),
-        y_zp=int(y_zp), q_range=(int(info.min), int(info.max)),
+        y_zp=int(y_zp),
+        q_range=_Q_RANGE.get(out_dtype, (0, 255)),
         fscale=None if fscale is None else np.ascontiguousarray(fscale, np.float32),
         fbias=None if fbias is None else np.ascontiguousarray(fbias, np.float32),
         use_vnni=use_vnni,
+        a_step=4 * MAX_ROWS,
+        rowsum=rowsum,
     )
     return out

@@ -98,23 +98,43 @@ def conv_nhwc(
     c_out = packed.c_out
     out = np.empty((b, *osp, c_out), out_dtype)
     info = np.iinfo(out_dtype) if mode == OUT_QUANTIZED else np.iinfo(np.uint8)
-    col = np.zeros(c_out, np.int32) if bias is None else np.ascontiguousarray(
-        np.broadcast_to(np.asarray(bias, np.int32).reshape(-1), (c_out,)))
-    mult32 = np.zeros(c_out, np.float32) if mult is None else np.ascontiguousarray(
-        np.broadcast_to(np.asarray(mult, np.float32).reshape(-1), (c_out,)))
+    col = (
+        np.zeros(c_out, np.int32)
+        if bias is None
+        else np.ascontiguousarray(np.broadcast_to(np.asarray(bias, np.int32).reshape(-1), (c_out,)))
+    )
+    mult32 = (
+        np.zeros(c_out, np.float32)
+        if mult is None
+        else np.ascontiguousarray(
+            np.broadcast_to(np.asarray(mult, np.float32).reshape(-1), (c_out,))
+        )
+    )
     if dw_weights is not None:
         xc = np.ascontiguousarray(x)
         run_tasks(
-            _depthwise_nhwc, b * osp[0], b * osp[0] * osp[1] * dw_weights.size,
-            xc, np.int32(x_zp), dw_weights,
-            np.int64(packed.kernel[0]), np.int64(packed.kernel[1]),
-            np.int64(strides[0]), np.int64(strides[1]),
-            np.int64(dilations[0]), np.int64(dilations[1]),
-            np.int64(begin[0]), np.int64(begin[1]),
-            col, np.int64(mode),
+            _depthwise_nhwc,
+            b * osp[0],
+            b * osp[0] * osp[1] * dw_weights.size,
+            xc,
+            np.int32(x_zp),
+            dw_weights,
+            np.int64(packed.kernel[0]),
+            np.int64(packed.kernel[1]),
+            np.int64(strides[0]),
+            np.int64(strides[1]),
+            np.int64(dilations[0]),
+            np.int64(dilations[1]),
+            np.int64(begin[0]),
+            np.int64(begin[1]),
+            col,
+            np.int64(mode),
             out.reshape(b, osp[0], osp[1], c_out) if mode == OUT_INT32 else _EMPTY4_I32,
             out.view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY4_U8,
-            mult32, np.int64(y_zp), np.int64(info.min), np.int64(info.max),
+            mult32,
+            np.int64(y_zp),
+            np.int64(info.min),
+            np.int64(info.max),
         )
         return out
     pw = packed.gemm
@@ -165,8 +185,26 @@ _EMPTY4_U8 = np.zeros((0, 0, 0, 0), np.uint8)
 
 @njit(**JIT)
 def _depthwise_nhwc(
-    counters, x, x_zp, wt, kh, kw, sh, sw, dh, dw, pt, pl, col, mode, out_i32, out_q,
-    mult, y_zp, q_lo, q_hi,
+    counters,
+    x,
+    x_zp,
+    wt,
+    kh,
+    kw,
+    sh,
+    sw,
+    dh,
+    dw,
+    pt,
+    pl,
+    col,
+    mode,
+    out_i32,
+    out_q,
+    mult,
+    y_zp,
+    q_lo,
+    q_hi,
 ):
     """Depthwise conv on NHWC rows: one task per (image, output row), channels innermost.
 
@@ -254,10 +292,19 @@ def max_pool_nhwc(
     out = np.empty((b, oh, ow, c), x.dtype)
     lowest = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
     run_tasks(
-        _max_pool_nhwc, b * oh, b * oh * ow * c * kernel[0] * kernel[1],
-        np.ascontiguousarray(x), out, np.int64(kernel[0]), np.int64(kernel[1]),
-        np.int64(strides[0]), np.int64(strides[1]), np.int64(dilations[0]),
-        np.int64(dilations[1]), np.int64(begin[0]), np.int64(begin[1]),
+        _max_pool_nhwc,
+        b * oh,
+        b * oh * ow * c * kernel[0] * kernel[1],
+        np.ascontiguousarray(x),
+        out,
+        np.int64(kernel[0]),
+        np.int64(kernel[1]),
+        np.int64(strides[0]),
+        np.int64(strides[1]),
+        np.int64(dilations[0]),
+        np.int64(dilations[1]),
+        np.int64(begin[0]),
+        np.int64(begin[1]),
         np.array([lowest], x.dtype),
     )
     return out

@@ -7,9 +7,10 @@ tile is written as LLVM IR in a numba ``@intrinsic``: MR x 4 accumulators of
 
 Layouts (all byte offsets):
   * activations ``a`` (uint8, flat): row r of the tile starts at ``row_off[r]``; the
-    reduction walks ``for t in taps: for q in range(c4): a[row_off[r] + taps[t] + 4*q : +4]``
-    (a GEMM is one tap at 0; an implicit-GEMM convolution has one tap per kernel
-    position over a padded NHWC buffer).
+    reduction walks ``for t in taps: for q in range(c4): a[row_off[r] + taps[t] + a_step*q : +4]``
+    (a GEMM is one tap at 0 over A packed per call as [tile][K/4][MR][4], a_step = 4*MR,
+    one contiguous stream; an implicit-GEMM convolution has one tap per kernel position
+    over a padded NHWC buffer and a_step = 4).
   * weights ``b`` (int8, flat) from ``b_off``: [T*c4][64][4], i.e. per reduction step
     the 64 columns' 4 bytes, contiguous (256 bytes).
   * ``tile`` (int32, flat): overwritten with [MR][64].
@@ -64,12 +65,12 @@ def _make_tile_kernel(rows: int):
     dpbusd = _dpbusd_native if host_has_vnni() else _dpbusd_generic
 
     @intrinsic
-    def tile_kernel(typingctx, a, row_off, taps, c4, b, b_off, tile):
-        sig = types.void(a, row_off, taps, c4, b, b_off, tile)
+    def tile_kernel(typingctx, a, row_off, taps, c4, a_step, b, b_off, tile):
+        sig = types.void(a, row_off, taps, c4, a_step, b, b_off, tile)
 
         def codegen(context, builder, signature, args):
-            a_v, row_v, taps_v, c4_v, b_v, boff_v, tile_v = args
-            a_ty, row_ty, taps_ty, c4_ty, b_ty, boff_ty, tile_ty = signature.args
+            a_v, row_v, taps_v, c4_v, step_v, b_v, boff_v, tile_v = args
+            a_ty, row_ty, taps_ty, c4_ty, step_ty, b_ty, boff_ty, tile_ty = signature.args
             a_ptr = context.make_array(a_ty)(context, builder, a_v).data
             row_ptr = context.make_array(row_ty)(context, builder, row_v).data
             taps_arr = context.make_array(taps_ty)(context, builder, taps_v)
@@ -77,18 +78,20 @@ def _make_tile_kernel(rows: int):
             tile_ptr = context.make_array(tile_ty)(context, builder, tile_v).data
             n_taps = builder.extract_value(taps_arr.shape, 0)
             c4 = context.cast(builder, c4_v, c4_ty, types.int64)
+            a_step = context.cast(builder, step_v, step_ty, types.int64)
             b_off = context.cast(builder, boff_v, boff_ty, types.int64)
             a_bytes = builder.bitcast(a_ptr, _I8.as_pointer())
             b_bytes = builder.bitcast(b_ptr, _I8.as_pointer())
-            rows_off = [builder.load(builder.gep(row_ptr, [ir.Constant(_I64, r)]))
-                        for r in range(rows)]
+            rows_off = [
+                builder.load(builder.gep(row_ptr, [ir.Constant(_I64, r)])) for r in range(rows)
+            ]
             zero = ir.Constant(_V16, [0] * 16)
             accs = [cgutils.alloca_once_value(builder, zero) for _ in range(rows * 4)]
             b_cur = cgutils.alloca_once_value(builder, b_off)
             with cgutils.for_range(builder, n_taps) as tap_loop:
                 tap = builder.load(builder.gep(taps_arr.data, [tap_loop.index]))
                 with cgutils.for_range(builder, c4) as k_loop:
-                    k_off = builder.add(tap, builder.mul(k_loop.index, ir.Constant(_I64, 4)))
+                    k_off = builder.add(tap, builder.mul(k_loop.index, a_step))
                     boff = builder.load(b_cur)
                     bvecs = []
                     for j in range(4):
@@ -97,21 +100,27 @@ def _make_tile_kernel(rows: int):
                     for r in range(rows):
                         p = builder.gep(a_bytes, [builder.add(rows_off[r], k_off)])
                         word = builder.load(builder.bitcast(p, _I32.as_pointer()), align=1)
-                        one = builder.insert_element(ir.Constant(_V16, ir.Undefined), word,
-                                                     ir.Constant(_I32, 0))
-                        splat = builder.shuffle_vector(one, ir.Constant(_V16, ir.Undefined),
-                                                       ir.Constant(_V16, [0] * 16))
+                        one = builder.insert_element(
+                            ir.Constant(_V16, ir.Undefined), word, ir.Constant(_I32, 0)
+                        )
+                        splat = builder.shuffle_vector(
+                            one, ir.Constant(_V16, ir.Undefined), ir.Constant(_V16, [0] * 16)
+                        )
                         for j in range(4):
                             slot = accs[r * 4 + j]
-                            builder.store(dpbusd(builder, builder.load(slot), splat, bvecs[j]),
-                                          slot)
+                            builder.store(
+                                dpbusd(builder, builder.load(slot), splat, bvecs[j]), slot
+                            )
                     builder.store(builder.add(boff, ir.Constant(_I64, STEP_BYTES)), b_cur)
             tile_i32 = builder.bitcast(tile_ptr, _I32.as_pointer())
             for r in range(rows):
                 for j in range(4):
                     p = builder.gep(tile_i32, [ir.Constant(_I64, r * 64 + j * 16)])
-                    builder.store(builder.load(accs[r * 4 + j]),
-                                  builder.bitcast(p, _V16.as_pointer()), align=4)
+                    builder.store(
+                        builder.load(accs[r * 4 + j]),
+                        builder.bitcast(p, _V16.as_pointer()),
+                        align=4,
+                    )
             return context.get_dummy_value()
 
         return sig, codegen

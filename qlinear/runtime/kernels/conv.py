@@ -1,0 +1,702 @@
+"""Quantized convolution: implicit GEMM over a padded channels-last buffer, and depthwise.
+
+General (any group count, 1-D/2-D/3-D): the NCHW input is copied once per call into a
+uint8 buffer [B, *padded_spatial, G, Cg4] (int8 shifted by +128, spatial padding
+filled with the input **zero point**, channel padding to a multiple of 4 filled with 0
+where the packed weights are 0 too). Each output position is a GEMM row whose
+reduction walks the kernel taps at fixed byte offsets of that buffer: no im2col
+matrix. The shared GEMM driver (gemm.py) does the tiles and writes channels-last
+output rows; one blocked transpose makes NCHW. (1-D and 2-D copies run in numba,
+8 x 8 byte blocks as uint64 words when C and W are multiples of 8; 3-D uses numpy.)
+
+Depthwise (one input channel per group, any channel multiplier, 1-D/2-D): its own
+kernel over the same padded channels-last buffer, vectorized over channels, with
+weights centered per output channel so distinct per-channel weight zero points cost
+nothing; the input zero point enters once per channel through `col_term`. 3-D
+depthwise goes through the general path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from qlinear.runtime.kernels.config import JIT
+from qlinear.runtime.kernels.gemm import ACT_SHIFT, PackedWeights, pack_weights, run_packed
+from qlinear.runtime.kernels.parallel import claim, finish, run_tasks
+from qlinear.runtime.kernels.requant import (
+    OUT_FLOAT,
+    OUT_INT32,
+    OUT_QUANTIZED,
+    requantize_value,
+)
+
+#: Cost of one moved byte / one depthwise multiply-add, in VNNI multiply-adds: the
+#: unit `run_tasks` uses to decide whether waking helper threads pays off.
+BYTE_WORK = 32
+DEPTHWISE_WORK = 16
+
+
+def resolve_pads(
+    auto_pad: str,
+    in_spatial: tuple[int, ...],
+    kernel: tuple[int, ...],
+    strides: tuple[int, ...],
+    dilations: tuple[int, ...],
+    pads: tuple[int, ...] | None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(pads_begin, pads_end) per spatial dim, honouring ONNX auto_pad."""
+    nd = len(in_spatial)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for i in range(nd):
+            out = -(-in_spatial[i] // strides[i])
+            total = max(
+                0, (out - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1 - in_spatial[i]
+            )
+            small = total // 2
+            b = small if auto_pad == "SAME_UPPER" else total - small
+            begin.append(b)
+            end.append(total - b)
+        return tuple(begin), tuple(end)
+    if auto_pad == "VALID" or pads is None or len(pads) == 0:
+        return (0,) * nd, (0,) * nd
+    return tuple(int(p) for p in pads[:nd]), tuple(int(p) for p in pads[nd:])
+
+
+def output_spatial(in_spatial, kernel, strides, dilations, begin, end) -> tuple[int, ...]:
+    return tuple(
+        (in_spatial[i] + begin[i] + end[i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+        for i in range(len(in_spatial))
+    )
+
+
+@dataclass(frozen=True)
+class PackedConv:
+    """Convolution weights prepared once: GEMM-packed, or centered for depthwise."""
+
+    c_in: int
+    c_out: int
+    groups: int
+    kernel: tuple[int, ...]
+    gemm: PackedWeights | None  # general path
+    centered: np.ndarray | None  # depthwise: int16 [T, C_out] = w - w_zp[c], channel-contiguous
+
+    @property
+    def depthwise(self) -> bool:
+        """One input channel per group (3-D depthwise also keeps a GEMM packing)."""
+        return self.centered is not None
+
+
+def pack_conv_weights(w: np.ndarray, w_zp: np.ndarray | int, groups: int) -> PackedConv:
+    """Prepack W [C_out, C_in/G, *k] (int8/uint8) with per-tensor or per-channel zero points."""
+    c_out, cg = w.shape[:2]
+    kernel = tuple(int(k) for k in w.shape[2:])
+    if c_out % groups:
+        raise ValueError(f"C_out={c_out} is not divisible by group={groups}")
+    zp = np.broadcast_to(np.asarray(w_zp).astype(np.int64).reshape(-1), (c_out,))
+    taps = int(np.prod(kernel)) if kernel else 1
+    centered = None
+    if cg == 1 and groups > 1:
+        centered_ct = w.reshape(c_out, taps).astype(np.int32) - zp[:, None].astype(np.int32)
+        centered = np.ascontiguousarray(centered_ct.T.astype(np.int16))
+        if len(kernel) <= 2:
+            return PackedConv(groups, c_out, groups, kernel, None, centered)
+    cog = c_out // groups
+    # [G, Cout_g, Cg, T] -> [G, T, Cg, Cout_g]
+    wg = w.reshape(groups, cog, cg, taps).transpose(0, 3, 2, 1)
+    return PackedConv(
+        cg * groups, c_out, groups, kernel, pack_weights(np.ascontiguousarray(wg), zp), centered
+    )
+
+
+def _channels_last_padded(x: np.ndarray, groups: int, cgp: int, begin, end) -> np.ndarray:
+    """[B, C, *S] -> uint8 [B, *(S+pads), G, cgp]; spatial pads hold the (shifted) zero point.
+
+    The caller fills the spatial padding; channel padding is zero.
+    """
+    b, c = x.shape[:2]
+    sp = x.shape[2:]
+    cg = c // groups
+    xu = x if x.dtype == np.uint8 else (x.view(np.uint8) ^ np.uint8(0x80))
+    shape = (b, *(s + p + q for s, p, q in zip(sp, begin, end, strict=True)), groups, cgp)
+    buf = np.empty(shape, np.uint8)
+    inner = (slice(None),) + tuple(slice(p, p + s) for p, s in zip(begin, sp, strict=True))
+    src = np.moveaxis(xu.reshape(b, groups, cg, *sp), (1, 2), (-2, -1))
+    buf[inner + (slice(None), slice(0, cg))] = src
+    if cgp > cg:
+        buf[..., cg:] = 0
+    return buf
+
+
+def _fill_spatial_padding(buf: np.ndarray, value: int, cg: int, begin, end) -> None:
+    for d, (p, q) in enumerate(zip(begin, end, strict=True)):
+        idx = [slice(None)] * buf.ndim
+        if p:
+            idx[1 + d] = slice(0, p)
+            buf[tuple(idx)][..., :cg] = value
+        if q:
+            idx[1 + d] = slice(buf.shape[1 + d] - q, None)
+            buf[tuple(idx)][..., :cg] = value
+
+
+def _offsets(counts, steps) -> np.ndarray:
+    """All sums of i_d * steps[d] for i_d < counts[d], row-major, as int64."""
+    off = np.zeros(1, np.int64)
+    for n, s in zip(counts, steps, strict=True):
+        off = (off[:, None] + np.arange(n, dtype=np.int64)[None, :] * s).reshape(-1)
+    return off
+
+
+def conv(
+    x: np.ndarray,
+    x_zp: int,
+    packed: PackedConv,
+    strides: tuple[int, ...],
+    dilations: tuple[int, ...],
+    begin: tuple[int, ...],
+    end: tuple[int, ...],
+    *,
+    out_dtype: type = np.int32,
+    bias: np.ndarray | None = None,
+    mult: np.ndarray | None = None,
+    y_zp: int = 0,
+    fscale: np.ndarray | None = None,
+    fbias: np.ndarray | None = None,
+    use_vnni: bool | None = None,
+) -> np.ndarray:
+    """Convolution of NCHW-style x (uint8/int8) with prepacked weights, output [B, C_out, *O].
+
+    out_dtype int32 (ConvInteger), uint8/int8 (requantized with mult, y_zp) or float32
+    (acc * fscale[c] + fbias[c]); `bias` is int32, added to the accumulator.
+    """
+    if x.dtype not in ACT_SHIFT:
+        raise TypeError(f"conv input must be uint8 or int8, got {x.dtype}")
+    if x.shape[1] != packed.c_in:
+        raise ValueError(f"input has {x.shape[1]} channels, weights expect {packed.c_in}")
+    b = x.shape[0]
+    sp = x.shape[2:]
+    osp = output_spatial(sp, packed.kernel, strides, dilations, begin, end)
+    if min(osp, default=1) <= 0:
+        raise ValueError(f"convolution output would be empty: {osp}")
+    out_dtype = np.dtype(out_dtype)
+    mode = {np.dtype(np.int32): OUT_INT32, np.dtype(np.float32): OUT_FLOAT}.get(
+        out_dtype, OUT_QUANTIZED
+    )
+    out = np.empty((b, packed.c_out, *osp), out_dtype)
+    shift = ACT_SHIFT[x.dtype]
+    info = np.iinfo(out_dtype) if mode == OUT_QUANTIZED else np.iinfo(np.uint8)
+    pix = int(np.prod(osp))
+    if len(sp) <= 2:
+        # 1-D runs as 2-D with H = 1
+        x4 = x.reshape(b, x.shape[1], 1, sp[0]) if len(sp) == 1 else x
+        k2, s2, d2, b2, e2, o2 = (
+            (v if len(sp) == 2 else (one, v[0]))
+            for v, one in (
+                (packed.kernel, 1),
+                (strides, 1),
+                (dilations, 1),
+                (begin, 0),
+                (end, 0),
+                (osp, 1),
+            )
+        )
+    if packed.depthwise and packed.gemm is None:
+        hp = max(x4.shape[2] + b2[0], (o2[0] - 1) * s2[0] + (k2[0] - 1) * d2[0] + 1)
+        wp = max(x4.shape[3] + b2[1], (o2[1] - 1) * s2[1] + (k2[1] - 1) * d2[1] + 1)
+        c_out = packed.c_out
+        zp_u8 = int(x_zp) + shift
+        mult_per_group = c_out // packed.groups
+        buf = np.empty((b, hp, wp, c_out), np.uint8)
+        x8 = x4.view(np.uint8)
+        if mult_per_group == 1 and c_out % 8 == 0 and x8.shape[3] % 8 == 0:
+            run_tasks(
+                _nhwc_rows_words,
+                b * hp,
+                b * hp * wp * c_out * BYTE_WORK,
+                np.ascontiguousarray(x8).view(np.uint64),
+                np.uint64(0x8080808080808080 if shift else 0),
+                np.full(c_out, zp_u8, np.uint8).view(np.uint64),
+                np.int64(b2[0]),
+                np.int64(b2[1]),
+                buf.view(np.uint64),
+            )
+        else:
+            run_tasks(
+                _nhwc_rows,
+                b * hp,
+                b * hp * wp * c_out * BYTE_WORK,
+                x8 if mult_per_group == 1 else np.repeat(x8, mult_per_group, axis=1),
+                np.uint8(0x80 if shift else 0),
+                np.full(c_out, zp_u8, np.uint8),
+                np.arange(c_out, dtype=np.int64),
+                np.int64(b2[0]),
+                np.int64(b2[1]),
+                buf,
+            )
+        col64 = -zp_u8 * packed.centered.astype(np.int64).sum(axis=0)
+        if bias is not None:
+            col64 = col64 + np.broadcast_to(np.asarray(bias, np.int64).reshape(-1), (c_out,))
+        col = col64.astype(np.int32)
+        rows_out = np.empty((b, pix, c_out), out_dtype)
+        run_tasks(
+            _depthwise_nhwc,
+            b * o2[0],
+            b * c_out * pix * packed.centered.shape[0] * DEPTHWISE_WORK,
+            buf,
+            packed.centered,
+            np.int64(k2[0]),
+            np.int64(k2[1]),
+            np.int64(s2[0]),
+            np.int64(s2[1]),
+            np.int64(d2[0]),
+            np.int64(d2[1]),
+            np.int64(o2[0]),
+            np.int64(o2[1]),
+            col,
+            np.int64(mode),
+            rows_out.reshape(-1) if mode == OUT_INT32 else _EMPTY_I32,
+            rows_out.reshape(-1).view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY_U8,
+            _f32(mult, c_out),
+            np.int64(y_zp),
+            np.int64(info.min),
+            np.int64(info.max),
+            rows_out.reshape(-1) if mode == OUT_FLOAT else _EMPTY_F32,
+            _f32(fscale, c_out),
+            _f32(fbias, c_out),
+        )
+        _to_nchw(rows_out, out)
+        return out
+    pw = packed.gemm
+    cgp = pw.c4 * 4
+    cg = packed.c_in // packed.groups
+    if len(sp) <= 2:
+        hp = max(x4.shape[2] + b2[0] + e2[0], (o2[0] - 1) * s2[0] + (k2[0] - 1) * d2[0] + 1)
+        wp = max(x4.shape[3] + b2[1] + e2[1], (o2[1] - 1) * s2[1] + (k2[1] - 1) * d2[1] + 1)
+        buf = np.empty((b, hp, wp, packed.groups, cgp), np.uint8)
+        if len(sp) == 1:
+            buf = buf.reshape(b, wp, packed.groups, cgp)
+        cg = packed.c_in // packed.groups
+        fill = np.zeros((packed.groups, cgp), np.uint8)
+        fill[:, :cg] = int(x_zp) + shift
+        c_idx = np.arange(packed.c_in)
+        chan_dst = (c_idx // cg) * cgp + c_idx % cg
+        x8 = x4.view(np.uint8)
+        out4 = buf.reshape(b, hp, wp, -1)
+        if cgp == cg and packed.groups == 1 and cg % 8 == 0 and x8.shape[3] % 8 == 0:
+            run_tasks(
+                _nhwc_rows_words,
+                b * hp,
+                b * hp * wp * cgp * BYTE_WORK,
+                np.ascontiguousarray(x8).view(np.uint64),
+                np.uint64(0x8080808080808080 if shift else 0),
+                fill.reshape(-1).view(np.uint64),
+                np.int64(b2[0]),
+                np.int64(b2[1]),
+                out4.view(np.uint64),
+            )
+        else:
+            run_tasks(
+                _nhwc_rows,
+                b * hp,
+                b * hp * wp * packed.groups * cgp * BYTE_WORK,
+                x8,
+                np.uint8(0x80 if shift else 0),
+                fill.reshape(-1),
+                chan_dst.astype(np.int64),
+                np.int64(b2[0]),
+                np.int64(b2[1]),
+                out4,
+            )
+    else:
+        buf = _channels_last_padded(x, packed.groups, cgp, begin, end)
+        _fill_spatial_padding(buf, int(x_zp) + shift, cg, begin, end)
+    psp = buf.shape[1:-2]
+    pix_bytes = packed.groups * cgp
+    dim_steps = [int(np.prod(psp[i + 1 :])) * pix_bytes for i in range(len(psp))]
+    img_bytes = int(np.prod(psp)) * pix_bytes
+    taps = _offsets(packed.kernel, [d * s for d, s in zip(dilations, dim_steps, strict=True)])
+    row_off = (
+        np.arange(b, dtype=np.int64)[:, None] * img_bytes
+        + _offsets(osp, [st * s for st, s in zip(strides, dim_steps, strict=True)])[None, :]
+    ).reshape(-1)
+    # The epilogue writes channels-last rows (unit stride, vectorized); one blocked
+    # transpose then makes NCHW, cheaper than scattering every tile across channels.
+    rows_out = np.empty((b * pix, packed.c_out), out_dtype)
+    run_packed(
+        buf.reshape(-1),
+        row_off,
+        cgp,
+        taps,
+        int(x_zp) + shift,
+        pw,
+        mode=mode,
+        out=rows_out.reshape(-1),
+        out_row_off=np.arange(b * pix, dtype=np.int64) * packed.c_out,
+        out_col_stride=1,
+        bias=bias,
+        mult=None if mult is None else np.ascontiguousarray(mult, np.float32),
+        y_zp=int(y_zp),
+        q_range=(int(info.min), int(info.max)),
+        fscale=None if fscale is None else np.ascontiguousarray(fscale, np.float32),
+        fbias=None if fbias is None else np.ascontiguousarray(fbias, np.float32),
+        use_vnni=use_vnni,
+    )
+    _to_nchw(rows_out.reshape(b, pix, packed.c_out), out)
+    return out
+
+
+_EMPTY_I32 = np.zeros(0, np.int32)
+_EMPTY_U8 = np.zeros(0, np.uint8)
+_EMPTY_F32 = np.zeros(0, np.float32)
+
+
+def _f32(v: np.ndarray | None, n: int) -> np.ndarray:
+    if v is None:
+        return np.zeros(n, np.float32)
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float32).reshape(-1), (n,)))
+
+
+_U = np.uint64  # unsigned indices: numba then skips negative-index fix-ups and vectorizes
+
+
+@njit(inline="always", **JIT)
+def _transpose8x8(r0, r1, r2, r3, r4, r5, r6, r7):
+    """Transpose an 8 x 8 byte matrix held as 8 little-endian uint64 rows (3 swap stages)."""
+    m32 = np.uint64(0x00000000FFFFFFFF)
+    m16 = np.uint64(0x0000FFFF0000FFFF)
+    m8 = np.uint64(0x00FF00FF00FF00FF)
+    s32 = np.uint64(32)
+    s16 = np.uint64(16)
+    s8 = np.uint64(8)
+    t = ((r0 >> s32) ^ r4) & m32
+    r0 ^= t << s32
+    r4 ^= t
+    t = ((r1 >> s32) ^ r5) & m32
+    r1 ^= t << s32
+    r5 ^= t
+    t = ((r2 >> s32) ^ r6) & m32
+    r2 ^= t << s32
+    r6 ^= t
+    t = ((r3 >> s32) ^ r7) & m32
+    r3 ^= t << s32
+    r7 ^= t
+    t = ((r0 >> s16) ^ r2) & m16
+    r0 ^= t << s16
+    r2 ^= t
+    t = ((r1 >> s16) ^ r3) & m16
+    r1 ^= t << s16
+    r3 ^= t
+    t = ((r4 >> s16) ^ r6) & m16
+    r4 ^= t << s16
+    r6 ^= t
+    t = ((r5 >> s16) ^ r7) & m16
+    r5 ^= t << s16
+    r7 ^= t
+    t = ((r0 >> s8) ^ r1) & m8
+    r0 ^= t << s8
+    r1 ^= t
+    t = ((r2 >> s8) ^ r3) & m8
+    r2 ^= t << s8
+    r3 ^= t
+    t = ((r4 >> s8) ^ r5) & m8
+    r4 ^= t << s8
+    r5 ^= t
+    t = ((r6 >> s8) ^ r7) & m8
+    r6 ^= t << s8
+    r7 ^= t
+    return r0, r1, r2, r3, r4, r5, r6, r7
+
+
+@njit(**JIT)
+def _nhwc_rows_words(counters, x64, flip, fill, pt, pl, out64):
+    """Fast `_nhwc_rows` for dense channels, C % 8 == 0 and W % 8 == 0: 8 x 8 byte blocks
+    moved as uint64 words (x64 is x viewed [B, C, H, W/8], out64 is out [B, hp, wp, C/8])."""
+    nb, c_in, h, w8 = x64.shape
+    _, hp, wp, c8 = out64.shape
+    xf = x64.reshape(-1)
+    of = out64.reshape(-1)
+    uc8 = _U(c8)
+    ntasks = nb * hp
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        bi = task // hp
+        r = task - bi * hp
+        base = _U(bi * hp + r) * _U(wp) * uc8
+        ih = r - pt
+        inside = 0 <= ih < h
+        for j in range(wp):
+            if inside and pl <= j < pl + w8 * 8:
+                continue
+            o = base + _U(j) * uc8
+            for k in range(uc8):
+                of[o + k] = fill[k]
+        if inside:
+            plane = _U(h * w8)
+            for cb in range(c8):
+                src = (_U(bi * c_in + cb * 8) * _U(h) + _U(ih)) * _U(w8)
+                for wb in range(w8):
+                    s = src + _U(wb)
+                    r0, r1, r2, r3, r4, r5, r6, r7 = _transpose8x8(
+                        xf[s] ^ flip,
+                        xf[s + plane] ^ flip,
+                        xf[s + 2 * plane] ^ flip,
+                        xf[s + 3 * plane] ^ flip,
+                        xf[s + 4 * plane] ^ flip,
+                        xf[s + 5 * plane] ^ flip,
+                        xf[s + 6 * plane] ^ flip,
+                        xf[s + 7 * plane] ^ flip,
+                    )
+                    o = base + _U(pl + wb * 8) * uc8 + _U(cb)
+                    of[o] = r0
+                    of[o + uc8] = r1
+                    of[o + 2 * uc8] = r2
+                    of[o + 3 * uc8] = r3
+                    of[o + 4 * uc8] = r4
+                    of[o + 5 * uc8] = r5
+                    of[o + 6 * uc8] = r6
+                    of[o + 7 * uc8] = r7
+        finish(counters)
+
+
+@njit(**JIT)
+def _nhwc_rows(counters, x, flip, fill, chan_dst, pt, pl, out):
+    """One padded output row per task: out[b, r, j, chan_dst[c]] = x[b, c, r-pt, j-pl] ^ flip.
+
+    Pixels outside x (spatial padding) and channel padding hold `fill` (one pixel's worth:
+    the input zero point on real channels, 0 on padding channels). Blocked 16 x 16 so
+    reads and writes both stay in a few cache lines.
+    """
+    nb, c_in, h, w = x.shape
+    _, hp, wp, cpix = out.shape
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    ucpix = _U(cpix)
+    ntasks = nb * hp
+    dense = cpix == c_in
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        bi = task // hp
+        r = task - bi * hp
+        base = _U(bi * hp + r) * _U(wp) * ucpix
+        ih = r - pt
+        inside = 0 <= ih < h
+        for j in range(wp):
+            if inside and dense and pl <= j < pl + w:
+                continue
+            o = base + _U(j) * ucpix
+            for k in range(ucpix):
+                of[o + k] = fill[k]
+        if inside:
+            for c0 in range(0, c_in, 16):
+                cn = min(16, c_in - c0)
+                for w0 in range(0, w, 16):
+                    wn = _U(min(16, w - w0))
+                    for cc in range(cn):
+                        c = c0 + cc
+                        src = _U(((bi * c_in + c) * h + ih) * w + w0)
+                        dst = base + _U(pl + w0) * ucpix + _U(chan_dst[c])
+                        for ww in range(wn):
+                            of[dst + ww * ucpix] = xf[src + ww] ^ flip
+        finish(counters)
+
+
+@njit(**JIT)
+def _rows_to_nchw(counters, src, dst):
+    """dst[b, c, p] = src[b, p, c], one block of 64 pixels per task, 16 x 16 sub-blocks."""
+    nb, pix, ch = src.shape
+    sf = src.reshape(-1)
+    df = dst.reshape(-1)
+    blocks = (pix + 63) // 64
+    ntasks = nb * blocks
+    uch = _U(ch)
+    upix = _U(pix)
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        bi = task // blocks
+        p_start = (task - bi * blocks) * 64
+        p_end = min(pix, p_start + 64)
+        for c0 in range(0, ch, 16):
+            cn = min(16, ch - c0)
+            for p0 in range(p_start, p_end, 16):
+                pn = _U(min(16, p_end - p0))
+                for cc in range(cn):
+                    o = _U(bi) * uch * upix + _U(c0 + cc) * upix + _U(p0)
+                    i = (_U(bi) * upix + _U(p0)) * uch + _U(c0 + cc)
+                    for k in range(pn):
+                        df[o + k] = sf[i + k * uch]
+        finish(counters)
+
+
+@njit(**JIT)
+def _rows_to_nchw_words(counters, src, dst):
+    """uint8 `_rows_to_nchw` in 8 x 8 byte blocks: src [B, pix, C/8] and dst [B, C, pix/8]
+    as uint64 words (pix % 8 == 0, C % 8 == 0); one block of 64 pixels per task."""
+    nb, pix, c8 = src.shape
+    p8 = dst.shape[2]
+    sf = src.reshape(-1)
+    df = dst.reshape(-1)
+    blocks = (p8 + 7) // 8
+    ntasks = nb * blocks
+    uc8 = _U(c8)
+    up8 = _U(p8)
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        bi = task // blocks
+        pb0 = (task - bi * blocks) * 8
+        for pb in range(pb0, min(p8, pb0 + 8)):
+            for cb in range(c8):
+                s = (_U(bi) * _U(pix) + _U(pb * 8)) * uc8 + _U(cb)
+                r0, r1, r2, r3, r4, r5, r6, r7 = _transpose8x8(
+                    sf[s],
+                    sf[s + uc8],
+                    sf[s + 2 * uc8],
+                    sf[s + 3 * uc8],
+                    sf[s + 4 * uc8],
+                    sf[s + 5 * uc8],
+                    sf[s + 6 * uc8],
+                    sf[s + 7 * uc8],
+                )
+                o = (_U(bi) * uc8 * _U(8) + _U(cb * 8)) * up8 + _U(pb)
+                df[o] = r0
+                df[o + up8] = r1
+                df[o + 2 * up8] = r2
+                df[o + 3 * up8] = r3
+                df[o + 4 * up8] = r4
+                df[o + 5 * up8] = r5
+                df[o + 6 * up8] = r6
+                df[o + 7 * up8] = r7
+        finish(counters)
+
+
+def _to_nchw(rows_out: np.ndarray, out: np.ndarray) -> None:
+    """rows_out [B, pix, C] (channels-last rows from an epilogue) -> out [B, C, *spatial]."""
+    b, pix, ch = rows_out.shape
+    if rows_out.dtype.itemsize == 1 and pix % 8 == 0 and ch % 8 == 0:
+        run_tasks(
+            _rows_to_nchw_words,
+            b * -(-pix // 64),
+            b * pix * ch * BYTE_WORK,
+            rows_out.view(np.uint8).view(np.uint64).reshape(b, pix, ch // 8),
+            out.view(np.uint8).reshape(b, ch, pix).view(np.uint64),
+        )
+        return
+    src = rows_out.view(np.uint8) if rows_out.dtype.itemsize == 1 else rows_out.view(np.int32)
+    dst = out.reshape(b, ch, pix)
+    dst = dst.view(np.uint8) if dst.dtype.itemsize == 1 else dst.view(np.int32)
+    run_tasks(_rows_to_nchw, b * -(-pix // 64), b * pix * ch * BYTE_WORK, src, dst)
+
+
+@njit(**JIT)
+def _depthwise_nhwc(
+    counters,
+    buf,
+    wt,
+    kh,
+    kw,
+    sh,
+    sw,
+    dh,
+    dw,
+    oh_n,
+    ow_n,
+    col_term,
+    mode,
+    out_i32,
+    out_q,
+    mult,
+    y_zp,
+    q_lo,
+    q_hi,
+    out_f,
+    fscale,
+    fbias,
+):
+    """Depthwise conv, one output row per task, vectorized over channels.
+
+    `buf` is the padded channels-last uint8 input (padding = the shifted input zero
+    point), `wt` the centered weights [T, C] (distinct per-channel weight zero points
+    folded in); `col_term[c]` = bias[c] - x_zp * sum_t wt[t, c] completes
+    sum (x - x_zp)(w - w_zp[c]).
+    """
+    nb, hp, wp, c_out = buf.shape
+    bf = buf.reshape(-1)
+    wf = wt.reshape(-1)
+    uc = _U(c_out)
+    lo = np.float32(q_lo - y_zp)
+    hi = np.float32(q_hi - y_zp)
+    zp = np.int32(y_zp)
+    pix = oh_n * ow_n
+    acc = np.empty(ow_n * c_out, np.int32)
+    ntasks = nb * oh_n
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        bi = task // oh_n
+        oh = task - bi * oh_n
+        for ow in range(ow_n):
+            ab = _U(ow) * uc
+            for c in range(uc):
+                acc[ab + c] = col_term[c]
+        if kh == 3 and kw == 3:
+            # all 9 taps per channel vector in registers: 1 store per 9 multiply-adds
+            r0 = _U((bi * hp + oh * sh) * wp) * uc
+            r1 = _U((bi * hp + oh * sh + dh) * wp) * uc
+            r2 = _U((bi * hp + oh * sh + 2 * dh) * wp) * uc
+            d1 = _U(dw) * uc
+            d2 = _U(2 * dw) * uc
+            for ow in range(ow_n):
+                col = _U(ow * sw) * uc
+                a0 = r0 + col
+                a1 = r1 + col
+                a2 = r2 + col
+                ab = _U(ow) * uc
+                for c in range(uc):
+                    acc[ab + c] = np.int32(
+                        acc[ab + c]
+                        + np.int32(bf[a0 + c]) * np.int32(wf[c])
+                        + np.int32(bf[a0 + d1 + c]) * np.int32(wf[uc + c])
+                        + np.int32(bf[a0 + d2 + c]) * np.int32(wf[2 * uc + c])
+                        + np.int32(bf[a1 + c]) * np.int32(wf[3 * uc + c])
+                        + np.int32(bf[a1 + d1 + c]) * np.int32(wf[4 * uc + c])
+                        + np.int32(bf[a1 + d2 + c]) * np.int32(wf[5 * uc + c])
+                        + np.int32(bf[a2 + c]) * np.int32(wf[6 * uc + c])
+                        + np.int32(bf[a2 + d1 + c]) * np.int32(wf[7 * uc + c])
+                        + np.int32(bf[a2 + d2 + c]) * np.int32(wf[8 * uc + c])
+                    )
+        else:
+            for i in range(kh):
+                row = _U((bi * hp + oh * sh + i * dh) * wp) * uc
+                for j in range(kw):
+                    wb = _U(i * kw + j) * uc
+                    for ow in range(ow_n):
+                        sb = row + _U(ow * sw + j * dw) * uc
+                        ab = _U(ow) * uc
+                        for c in range(uc):
+                            acc[ab + c] += np.int32(bf[sb + c]) * np.int32(wf[wb + c])
+        o = (_U(bi) * _U(pix) + _U(oh * ow_n)) * uc
+        for ow in range(ow_n):
+            ab = _U(ow) * uc
+            ob = o + ab
+            if mode == 1:
+                for c in range(uc):
+                    q = requantize_value(acc[ab + c], mult[c], zp, lo, hi)
+                    out_q[ob + c] = np.uint8(q & 0xFF)
+            elif mode == 0:
+                for c in range(uc):
+                    out_i32[ob + c] = acc[ab + c]
+            else:
+                for c in range(uc):
+                    out_f[ob + c] = np.float32(acc[ab + c]) * fscale[c] + fbias[c]
+        finish(counters)
