@@ -424,3 +424,39 @@ def test_unsupported_precision_is_refused_at_plan_time() -> None:
     node = helper.make_node("QuantizeLinear", ["x", "s"], ["y"], precision=TensorProto.FLOAT16)
     with pytest.raises(UnsupportedOpError, match="precision"):
         lookup("", "QuantizeLinear", 25)(NodeSpec(proto=node, opset=25, consts={}))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([np.int8, np.uint8, np.int16, np.uint16]),
+    per_axis=st.booleans(),
+    const=st.booleans(),
+)
+def test_fast_path_is_quantize_affine(data, dtype, per_axis, const) -> None:
+    """The single-pass runtime kernels equal qlinear.quant's definition bit for bit."""
+    from hypothesis.extra import numpy as hnp
+
+    from qlinear.quant import QuantParams, dequantize_affine, quantize_affine
+
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=6))
+    axis = data.draw(st.integers(0, len(shape) - 1)) if per_axis else 1
+    n = shape[axis] if per_axis else 1
+    info = np.iinfo(dtype)
+    scale = data.draw(hnp.arrays(np.float32, n, elements=st.floats(0.0009765625, 64.0, width=32)))
+    zp = data.draw(hnp.arrays(dtype, n, elements=st.integers(int(info.min), int(info.max))))
+    if not per_axis:
+        scale, zp = scale.reshape(()), zp.reshape(())
+    x = data.draw(hnp.arrays(np.float32, shape, elements=st.floats(width=32)))
+    attrs = {"axis": axis} if per_axis else {}
+    consts = {1: scale, 2: zp} if const else None
+    q_op = kernel("QuantizeLinear", 19, attrs, 3, consts)
+    dq_op = kernel("DequantizeLinear", 19, attrs, 3, consts)
+    pshape = tuple(d if i == axis else 1 for i, d in enumerate(shape)) if per_axis else ()
+    qp = QuantParams(scale.reshape(pshape), zp.astype(np.int32).reshape(pshape), dtype)
+    want_q = quantize_affine(x, qp)
+    for _ in range(2):  # second call: the cached per-shape plan
+        got_q = q_op(x, scale, zp)
+        assert got_q.dtype == want_q.dtype
+        np.testing.assert_array_equal(got_q, want_q)
+        np.testing.assert_array_equal(dq_op(want_q, scale, zp), dequantize_affine(want_q, qp))

@@ -8,7 +8,10 @@ Semantics follow ORT's CPU kernels (contrib_ops/cpu/quantization and MLAS):
   requantize, the shared helper).
 - QLinearGlobalAveragePool: int32 channel sum minus ``zx * N``, requantized with
   ``sx / (sy * N)`` (MLAS qlgavgpool), via the shared requantize helper.
-- QLinearAveragePool, QLinearSigmoid, QLinearLeakyRelu, QLinearConcat, QLinearSoftmax:
+- QLinearSoftmax over the last axis: exp from a 256-entry table of exp((i-255)·sx)
+  indexed by x - rowmax (ORT does the same), float32 sum, quantize(e / sum); within one
+  step of ORT. Other axes: dequantize, float softmax, quantize.
+- QLinearAveragePool, QLinearSigmoid, QLinearLeakyRelu, QLinearConcat:
   dequantize, compute in float32, quantize (ORT builds 256-entry lookup tables the same
   way for the unary ones; Sigmoid uses MLAS's logistic approximation there, so we may
   differ by one step where a value sits on a rounding boundary).
@@ -16,7 +19,10 @@ Semantics follow ORT's CPU kernels (contrib_ops/cpu/quantization and MLAS):
   (no ``y_scale``) epilogue, multiplier ``alpha * sa * sb[n] (/ sy)``.
 
 Quantize/dequantize go through `qlinear.quant`; requantization of int32 through
-`qlinear.runtime.kernels.requant`.
+`qlinear.runtime.kernels.requant`. The hot paths (8-bit per-tensor quantize/dequantize,
+QLinearAdd/Mul for broadcasts that collapse to 3-D, lookup tables, last-axis softmax,
+global average pool) run single-pass kernels from `kernels/qelementwise.py` that do the
+same float32 operations in the same order, so results are unchanged bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 from onnx import helper
 
 from qlinear.quant import QuantParams, dequantize_affine, quantize_affine
+from qlinear.runtime.kernels import qelementwise as qk
 from qlinear.runtime.kernels.gemm import gemm, pack_matrix
 from qlinear.runtime.kernels.requant import float_scale, output_multiplier, requantize_array
 from qlinear.runtime.registry import MS_DOMAIN, Kernel, NodeSpec, register
@@ -41,12 +48,39 @@ def _qp(scale: np.ndarray, zp: np.ndarray | None, dtype: np.dtype) -> QuantParam
     return QuantParams(s.reshape(()), None if z is None else z.reshape(()), dtype)
 
 
+_BYTES = (np.dtype(np.uint8), np.dtype(np.int8))
+
+
 def _dequant(x: np.ndarray, scale: np.ndarray, zp: np.ndarray | None) -> np.ndarray:
-    return dequantize_affine(x, _qp(scale, zp, x.dtype))
+    qp = _qp(scale, zp, x.dtype)
+    if x.dtype in _BYTES:  # same float32 ops as dequantize_affine, one pass
+        return qk.dequantize(x, qp.scale.reshape(1), qp.zero_point.reshape(1), x.size)
+    return dequantize_affine(x, qp)
 
 
 def _quant(y: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, dtype: np.dtype):
-    return quantize_affine(np.asarray(y, np.float32), _qp(scale, zp, dtype))
+    y = np.asarray(y, np.float32)
+    qp = _qp(scale, zp, dtype)
+    if qp.dtype in _BYTES:  # same float32 ops as quantize_affine, one pass
+        info = np.iinfo(qp.dtype)
+        return qk.quantize_f32(y, qp.scale.reshape(1), qp.zero_point.reshape(1), y.size,
+                               int(info.min), int(info.max), qp.dtype)
+    return quantize_affine(y, qp)
+
+
+class _BroadcastPlans:
+    """Per-node cache of (a.shape, b.shape) -> qk.BinaryPlan (None: use numpy)."""
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple, object] = {}
+
+    def get(self, a: np.ndarray, b: np.ndarray, dtype: np.dtype):
+        if a.dtype not in _BYTES or b.dtype not in _BYTES or np.dtype(dtype) not in _BYTES:
+            return None
+        key = (a.shape, b.shape)
+        if key not in self._plans:
+            self._plans[key] = qk.plan_binary(a.shape, b.shape)
+        return self._plans[key]
 
 
 def _zp(zp: np.ndarray | None) -> int:
@@ -68,15 +102,34 @@ def _requantize(acc: np.ndarray, mult: np.ndarray, y_zp: int, dtype: np.dtype) -
     return out.reshape(acc.shape)
 
 
-def _lookup_kernel(fn) -> Kernel:
-    """Unary ops ORT runs by 256-entry table: dequantize, fn in float32, quantize."""
+def _lookup_table(fn, x_dtype, x_scale, x_zp, y_scale, y_zp) -> np.ndarray:
+    """The 256 outputs indexed by the input's uint8 bit pattern."""
+    dtype = _out_dtype(y_zp, x_dtype)
+    domain = np.arange(256, dtype=np.uint8).view(x_dtype)
+    return _quant(fn(_dequant(domain, x_scale, x_zp)), y_scale, y_zp, dtype)
+
+
+def _lookup_kernel(fn, spec: NodeSpec | None = None) -> Kernel:
+    """Unary ops ORT runs by 256-entry table: dequantize, fn in float32, quantize.
+
+    With constant scales/zero points (the usual case) the table is built once at plan
+    time per input dtype; each run is then one gather pass.
+    """
+    consts = spec.consts if spec is not None else {}
+    const_ok = spec is not None and all(
+        i in consts or not spec.has_input(i) for i in (1, 2, 3, 4))
+    tables: dict[np.dtype, np.ndarray] = {}
 
     def run(x, x_scale, x_zp=None, y_scale=None, y_zp=None):
-        dtype = _out_dtype(y_zp, x.dtype)
-        info = np.iinfo(x.dtype)
-        domain = np.arange(info.min, info.max + 1, dtype=np.int32).astype(x.dtype)
-        table = _quant(fn(_dequant(domain, x_scale, x_zp)), y_scale, y_zp, dtype)
-        return table[x.astype(np.int32) - info.min]
+        if x.dtype not in _BYTES:  # wider types: no table, compute directly
+            return _quant(fn(_dequant(x, x_scale, x_zp)), y_scale, y_zp,
+                          _out_dtype(y_zp, x.dtype))
+        table = tables.get(x.dtype) if const_ok else None
+        if table is None:
+            table = _lookup_table(fn, x.dtype, x_scale, x_zp, y_scale, y_zp)
+            if const_ok:
+                tables[x.dtype] = table
+        return qk.lookup_u8(x, table)
 
     return run
 
@@ -84,15 +137,36 @@ def _lookup_kernel(fn) -> Kernel:
 # --------------------------------------------------------------------------- binary
 
 
+def _constant_params(spec: NodeSpec, indices: tuple[int, ...]) -> bool:
+    """True when every listed (present) input is a plan-time constant."""
+    return all(i in spec.consts or not spec.has_input(i) for i in indices)
+
+
+def _add_params(a_scale, a_zp, b_scale, b_zp, c_scale, c_zp):
+    """(r_ac, r_bc, fixed) of QLinearAdd in float32, in MLAS's order."""
+    sa, sb, sc = (np.float32(np.asarray(s).reshape(-1)[0]) for s in (a_scale, b_scale, c_scale))
+    r_ac, r_bc = np.float32(sa / sc), np.float32(sb / sc)
+    fixed = np.float32(np.float32(_zp(c_zp))
+                       - (r_ac * np.float32(_zp(a_zp)) + r_bc * np.float32(_zp(b_zp))))
+    return r_ac, r_bc, fixed
+
+
 @register("QLinearAdd", domain=MS_DOMAIN, since=1)
 def _qlinear_add(spec: NodeSpec) -> Kernel:
+    plans = _BroadcastPlans()
+    c = spec.consts
+    fixed_params = (_add_params(c[1], c.get(2), c[4], c.get(5), c[6], c.get(7))
+                    if _constant_params(spec, (1, 2, 4, 5, 6, 7)) else None)
+
     def run(a, a_scale, a_zp, b, b_scale, b_zp, c_scale, c_zp=None):
         dtype = _out_dtype(c_zp, a.dtype)
-        sa, sb, sc = (np.float32(np.asarray(s).reshape(-1)[0]) for s in (a_scale, b_scale,
-                                                                          c_scale))
-        r_ac, r_bc = np.float32(sa / sc), np.float32(sb / sc)
-        fixed = np.float32(np.float32(_zp(c_zp))
-                           - (r_ac * np.float32(_zp(a_zp)) + r_bc * np.float32(_zp(b_zp))))
+        if fixed_params is not None:
+            r_ac, r_bc, fixed = fixed_params
+        else:
+            r_ac, r_bc, fixed = _add_params(a_scale, a_zp, b_scale, b_zp, c_scale, c_zp)
+        plan = plans.get(a, b, dtype)
+        if plan is not None:
+            return qk.qlinear_add(a, b, plan, r_ac, r_bc, fixed, dtype)
         y = a.astype(np.float32) * r_ac + (b.astype(np.float32) * r_bc + fixed)
         info = np.iinfo(dtype)
         return np.clip(np.rint(y), info.min, info.max).astype(dtype)
@@ -102,12 +176,24 @@ def _qlinear_add(spec: NodeSpec) -> Kernel:
 
 @register("QLinearMul", domain=MS_DOMAIN, since=1)
 def _qlinear_mul(spec: NodeSpec) -> Kernel:
-    def run(a, a_scale, a_zp, b, b_scale, b_zp, c_scale, c_zp=None):
-        dtype = _out_dtype(c_zp, a.dtype)
-        prod = (a.astype(np.int32) - _zp(a_zp)) * (b.astype(np.int32) - _zp(b_zp))
+    plans = _BroadcastPlans()
+    c = spec.consts
+
+    def params(a_scale, a_zp, b_scale, b_zp, c_scale, c_zp):
         sa, sb, sc = (np.asarray(s, np.float32).reshape(-1)[:1] for s in (a_scale, b_scale,
                                                                            c_scale))
-        mult = output_multiplier(sa, sb, sc, 1)
+        return output_multiplier(sa, sb, sc, 1), _zp(a_zp), _zp(b_zp), _zp(c_zp)
+
+    fixed_params = (params(c[1], c.get(2), c[4], c.get(5), c[6], c.get(7))
+                    if _constant_params(spec, (1, 2, 4, 5, 6, 7)) else None)
+
+    def run(a, a_scale, a_zp, b, b_scale, b_zp, c_scale, c_zp=None):
+        dtype = _out_dtype(c_zp, a.dtype)
+        mult, za, zb, zc = fixed_params or params(a_scale, a_zp, b_scale, b_zp, c_scale, c_zp)
+        plan = plans.get(a, b, dtype)
+        if plan is not None:
+            return qk.qlinear_mul(a, b, plan, za, zb, mult[0], zc, dtype)
+        prod = (a.astype(np.int32) - _zp(a_zp)) * (b.astype(np.int32) - _zp(b_zp))
         return _requantize(np.asarray(prod, np.int32), mult, _zp(c_zp), dtype)
 
     return run
@@ -141,11 +227,13 @@ def _qlinear_global_average_pool(spec: NodeSpec) -> Kernel:
     def run(x, x_scale, x_zp, y_scale, y_zp):
         axes = tuple(range(1, x.ndim - 1)) if channels_last else tuple(range(2, x.ndim))
         size = int(np.prod([x.shape[a] for a in axes]))
-        acc = x.astype(np.int32).sum(axis=axes, keepdims=True, dtype=np.int32)
-        acc -= np.int32(_zp(x_zp) * size)
         sx, sy = np.float32(np.asarray(x_scale).reshape(-1)[0]), np.float32(
             np.asarray(y_scale).reshape(-1)[0])
         mult = np.array([sx / np.float32(sy * np.float32(size))], np.float32)
+        if x.dtype in _BYTES and x.ndim >= 2 and np.dtype(_out_dtype(y_zp, x.dtype)) == x.dtype:
+            return qk.qlinear_global_avg_pool(x, channels_last, _zp(x_zp), mult[0], _zp(y_zp))
+        acc = x.astype(np.int32).sum(axis=axes, keepdims=True, dtype=np.int32)
+        acc -= np.int32(_zp(x_zp) * size)
         return _requantize(acc.reshape(-1, 1), mult, _zp(y_zp), x.dtype).reshape(acc.shape)
 
     return run
@@ -178,13 +266,13 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 @register("QLinearSigmoid", domain=MS_DOMAIN, since=1)
 def _qlinear_sigmoid(spec: NodeSpec) -> Kernel:
-    return _lookup_kernel(_sigmoid)
+    return _lookup_kernel(_sigmoid, spec)
 
 
 @register("QLinearLeakyRelu", domain=MS_DOMAIN, since=1)
 def _qlinear_leaky_relu(spec: NodeSpec) -> Kernel:
     alpha = np.float32(spec.attr("alpha", 0.01))
-    return _lookup_kernel(lambda x: np.where(x >= 0, x, x * alpha).astype(np.float32))
+    return _lookup_kernel(lambda x: np.where(x >= 0, x, x * alpha).astype(np.float32), spec)
 
 
 @register("QLinearSoftmax", domain=MS_DOMAIN, since=1)
@@ -192,6 +280,12 @@ def _qlinear_softmax(spec: NodeSpec) -> Kernel:
     axis = int(spec.attr("axis", -1))
 
     def run(x, x_scale, x_zp, y_scale, y_zp):
+        dtype = _out_dtype(y_zp, x.dtype)
+        last = x.ndim and (axis % x.ndim) == x.ndim - 1
+        if last and x.dtype in _BYTES and np.dtype(dtype) in _BYTES and x.size:
+            sx = np.float32(np.asarray(x_scale).reshape(-1)[0])
+            sy = np.float32(np.asarray(y_scale).reshape(-1)[0])
+            return qk.qlinear_softmax_last(x, sx, sy, _zp(y_zp), dtype)
         xf = _dequant(x, x_scale, x_zp)
         e = np.exp(xf - xf.max(axis=axis, keepdims=True))
         y = e / e.sum(axis=axis, keepdims=True, dtype=np.float32)

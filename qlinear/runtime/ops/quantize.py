@@ -2,7 +2,10 @@
 
 The factories read attributes and, when scale/zero point are constants, build the
 `QuantParams` once per input shape; the kernels only call `quantize_affine` /
-`dequantize_affine` (the one implementation of the arithmetic). A DequantizeLinear
+`dequantize_affine` (the one implementation of the arithmetic), or, for float32 <->
+8/16-bit integers per-tensor or per-axis, the single-pass kernels of
+`kernels/qelementwise.py`, which do the same float32 operations in the same order
+(bit-identical, asserted by hypothesis tests). A DequantizeLinear
 whose input is constant too (a weight) is evaluated at plan time.
 
 Deliberate differences from onnx.reference (each tested):
@@ -33,7 +36,33 @@ from qlinear.quant import (
     quantize_affine,
 )
 from qlinear.quant.granularity import normalize_axis
+from qlinear.runtime.kernels import qelementwise as qk
 from qlinear.runtime.registry import NodeSpec, register
+
+#: Integer types the single-pass kernels handle (|rounded value| < 2^22 after clamping).
+_FAST_INTS = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16))
+
+
+def _fast_layout(
+    qp: QuantParams, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(scale[C], zero_point[C], inner) when qp is per-tensor or per-axis over `shape`.
+
+    The fast kernels then index channel ``(flat // inner) % C``; blocked or
+    rank-mismatched parameters return None (the numpy reference path handles them).
+    """
+    if qp.dtype not in _FAST_INTS:
+        return None
+    size = int(np.prod(shape)) if shape else 1
+    if qp.is_per_tensor:
+        return qp.scale.reshape(1), qp.zero_point.reshape(1), max(size, 1)
+    if qp.scale.ndim != len(shape):
+        return None
+    ax = qp.channel_axis()
+    if ax is None or qp.scale.shape[ax] != shape[ax]:
+        return None
+    inner = int(np.prod(shape[ax + 1 :])) if ax + 1 < len(shape) else 1
+    return qp.scale.reshape(-1), qp.zero_point.reshape(-1), max(inner, 1)
 
 
 def _output_dtype_attr(spec: NodeSpec) -> np.dtype | None:
@@ -121,11 +150,21 @@ def _quantize_linear(spec: NodeSpec) -> Callable[..., np.ndarray]:
     planner = _Planner(spec)
     out_dtype = _output_dtype_attr(spec)
 
+    fast_plans: dict[tuple[int, ...], tuple] = {}  # shape -> fast-kernel args (constant qp)
+
     def run(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None) -> np.ndarray:
+        if x.dtype == np.float32 and (cached := fast_plans.get(x.shape)) is not None:
+            return qk.quantize_f32(x, *cached)
         qp, axis, pad = planner.plan(x.shape, scale, zero_point, out_dtype)
         if pad:
             y = quantize_affine(_pad_axis(x, axis, pad), qp, saturate=saturate)
             return y.take(np.arange(x.shape[axis]), axis=axis)
+        if x.dtype == np.float32 and (fast := _fast_layout(qp, x.shape)) is not None:
+            info = np.iinfo(qp.dtype)
+            args = (*fast, int(info.min), int(info.max), qp.dtype)
+            if planner.constant:
+                fast_plans[x.shape] = args
+            return qk.quantize_f32(x, *args)
         return quantize_affine(x, qp, saturate=saturate)
 
     return run
@@ -137,7 +176,14 @@ def _dequantize_linear(spec: NodeSpec) -> Callable[..., np.ndarray]:
     elem = spec.attr("output_dtype", 0)
     out_dtype = np.dtype(tensor_dtype_to_np_dtype(elem)) if elem else None
 
+    fast_plans: dict[tuple, tuple] = {}  # (shape, dtype) -> fast-kernel args (constant qp)
+    final_dtype = out_dtype or (np.asarray(spec.const(1)).dtype if spec.const(1) is not None
+                                else None)
+
     def run(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None) -> np.ndarray:
+        if (cached := fast_plans.get((x.shape, x.dtype))) is not None:
+            y = qk.dequantize(x, *cached)
+            return y if final_dtype == np.float32 else y.astype(final_dtype, copy=False)
         if zero_point is not None and np.asarray(zero_point).dtype != x.dtype:
             raise QuantParamsError(
                 f"{spec.describe()}: zero point dtype {np.asarray(zero_point).dtype} "
@@ -147,6 +193,10 @@ def _dequantize_linear(spec: NodeSpec) -> Callable[..., np.ndarray]:
         if pad:
             y = dequantize_affine(_pad_axis(x, axis, pad), qp)
             y = y.take(np.arange(x.shape[axis]), axis=axis)
+        elif x.dtype == qp.dtype and (fast := _fast_layout(qp, x.shape)) is not None:
+            y = qk.dequantize(x, *fast)
+            if planner.constant and final_dtype is not None:
+                fast_plans[(x.shape, x.dtype)] = fast  # checks above passed for this dtype
         else:
             y = dequantize_affine(x, qp)
         return y.astype(out_dtype or np.asarray(scale).dtype, copy=False)
