@@ -6,7 +6,8 @@ Every (row, engine) is timed in its own subprocess, engines alternated, so the t
 never hold live thread pools at once. ORT sessions use intra_op_num_threads=2; numba
 uses 2 threads. Reported: median ms, GOPS (2*MACs/time), ratio qlinear/ORT (>1 means
 qlinear is faster). GEMM rows are QLinearMatMul (B constant, per-tensor), conv rows are
-QLinearConv (W constant, per-channel scales). "s8" rows use int8 activations/outputs.
+QLinearConv (W constant, per-channel scales; NCHW), "nhwc" rows com.microsoft.QLinearConv
+channels_last=1 (what optimized CNN graphs run). "s8" rows use int8 activations/outputs.
 The last line is the first-call time in a fresh process with a warm on-disk numba cache.
 """
 
@@ -69,6 +70,12 @@ def conv_rows() -> list[dict]:
     return rows
 
 
+def nhwc_rows() -> list[dict]:
+    """The convolutions optimized CNN graphs run: com.microsoft.QLinearConv channels_last=1."""
+    return [dict(r, kind="conv", layout="nhwc", name=r["name"] + " nhwc")
+            for r in conv_rows() if r["act"] == "u8"]
+
+
 def macs(row: dict) -> int:
     if row["kind"] == "gemm":
         return row["m"] * row["k"] * row["n"]
@@ -101,6 +108,8 @@ def build(row: dict):
     else:
         cin, cout, hw, kk, s, g = (row[f] for f in ("cin", "cout", "hw", "k", "stride", "group"))
         x = rng.integers(info.min, info.max + 1, (1, cin, hw, hw)).astype(act)
+        if row.get("layout") == "nhwc":
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         w = rng.integers(-128, 128, (cout, cin // g, kk, kk)).astype(np.int8)
         consts = [
             np.float32(0.02),
@@ -117,7 +126,10 @@ def build(row: dict):
         attrs = dict(kernel_shape=[kk, kk], strides=[s, s], pads=[p, p, p, p], group=g)
         out_shape = None
     names = ["x"] + [f"c{i}" for i in range(len(consts))]
-    node = helper.make_node(op, names, ["y"], **attrs)
+    domain = ""
+    if row.get("layout") == "nhwc":
+        domain, attrs = "com.microsoft", dict(attrs, channels_last=1)
+    node = helper.make_node(op, names, ["y"], domain=domain, **attrs)
     graph = helper.make_graph(
         [node],
         "bench",
@@ -125,7 +137,8 @@ def build(row: dict):
         [helper.make_tensor_value_info("y", tt, out_shape)],
         [numpy_helper.from_array(np.asarray(c), f"c{i}") for i, c in enumerate(consts)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=9)
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=9)
     return model, {"x": x}, node, {i + 1: np.asarray(c) for i, c in enumerate(consts)}
 
 
@@ -161,8 +174,9 @@ def worker(engine: str, row: dict) -> dict:
         from qlinear.runtime.registry import NodeSpec, lookup
 
         config.set_num_threads(THREADS)
-        spec = NodeSpec(node, 13, consts=consts, num_threads=THREADS)
-        kernel = lookup("", node.op_type, 13)(spec)
+        version = 1 if node.domain else 13
+        spec = NodeSpec(node, version, consts=consts, num_threads=THREADS)
+        kernel = lookup(node.domain, node.op_type, version)(spec)
         args = [feeds["x"]] + [consts[i] for i in range(1, len(consts) + 1)]
         out = kernel(*args)
         t = time_calls(lambda: kernel(*args))
@@ -209,7 +223,7 @@ def _spawn(args: list[str], env: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--portable", action="store_true", help="time the portable kernels")
-    ap.add_argument("--rows", default="all", choices=["gemm", "conv", "all"])
+    ap.add_argument("--rows", default="all", choices=["gemm", "conv", "nhwc", "all"])
     ap.add_argument("--filter", default="", help="only rows whose name contains this")
     ap.add_argument("--repeat", type=int, default=1, help="alternating rounds per row")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -225,8 +239,10 @@ def main() -> None:
     env["NUMBA_NUM_THREADS"] = str(THREADS)
     env["OMP_NUM_THREADS"] = str(THREADS)
     env["QLINEAR_KERNELS"] = "portable" if args.portable else "auto"
-    rows = (gemm_rows() if args.rows in ("gemm", "all") else []) + (
-        conv_rows() if args.rows in ("conv", "all") else []
+    rows = (
+        (gemm_rows() if args.rows in ("gemm", "all") else [])
+        + (conv_rows() if args.rows in ("conv", "all") else [])
+        + (nhwc_rows() if args.rows in ("nhwc", "all") else [])
     )
     rows = [r for r in rows if args.filter in r["name"]]
     print(

@@ -21,8 +21,12 @@ from benchmarks.e2e import qdq_model  # noqa: E402
 from qlinear.passes import optimize  # noqa: E402
 
 CNNS = ("resnet", "mobilenet_v2")
-_NHWC_OPS = {("com.microsoft", "QLinearConv"), ("com.microsoft", "NhwcMaxPool"),
-             ("com.microsoft", "QLinearGlobalAveragePool"), ("ai.qlinear", "ConvInteger")}
+_NHWC_OPS = {
+    ("com.microsoft", "QLinearConv"),
+    ("com.microsoft", "NhwcMaxPool"),
+    ("com.microsoft", "QLinearGlobalAveragePool"),
+    ("ai.qlinear", "ConvInteger"),
+}
 
 
 def layout_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -43,8 +47,10 @@ def main() -> int:
     for name in CNNS:
         for act in ("uint8", "int8"):
             counts = layout_counts(optimize(qdq_model(name, args.size, act), layout="nhwc"))
-            print(f"{name:<14}{act:<6}{counts['nhwc_ops']:>9}{counts['nchw_convs']:>11}"
-                  f"{counts['transposes']:>11}")
+            print(
+                f"{name:<14}{act:<6}{counts['nhwc_ops']:>9}{counts['nchw_convs']:>11}"
+                f"{counts['transposes']:>11}"
+            )
     return 0
 
 

@@ -135,3 +135,53 @@ def test_conv_word_transpose_path(x_dtype, pads, rng):
     out = conv(x, 9, packed, (1, 2), (1, 1), pads[:2], pads[2:])
     np.testing.assert_array_equal(out, naive.conv_integer(x, 9, w, w_zp, 1, (1, 2), (1, 1),
                                                           pads[:2], pads[2:]))
+
+
+# --------------------------------------------------------------------------- NHWC
+
+
+@pytest.mark.parametrize("kernels", ["auto", "portable"])
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize(
+    "c_in,c_out,group,k,stride,dil,pads",
+    [
+        (24, 24, 24, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),  # depthwise, row kernel
+        (20, 20, 20, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1)),  # depthwise stride 2
+        (16, 16, 16, (3, 3), (1, 1), (2, 2), (2, 2, 2, 2)),  # depthwise dilated
+        (8, 8, 8, (5, 2), (1, 1), (1, 1), (2, 0, 2, 1)),  # depthwise, kw != 3
+        (6, 6, 6, (3, 3), (1, 1), (1, 1), (0, 0, 0, 0)),  # depthwise, no padding
+        (4, 8, 4, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),  # channel multiplier 2
+        (16, 24, 1, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)),  # 1x1, reads x directly
+        (3, 32, 1, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1)),  # channel padding to 4
+        (8, 12, 2, (3, 3), (1, 2), (1, 1), (0, 1, 1, 0)),  # grouped
+    ],
+)
+def test_conv_nhwc_plans_and_buffers(kernels, x_dtype, c_in, c_out, group, k, stride, dil, pads,
+                                     rng, monkeypatch):
+    """conv_nhwc against the naive conv: planned once per shape, padded buffers reused
+    (border filled once with the zero point), new data and a new shape both right."""
+    from qlinear.runtime.kernels.nhwc import conv_nhwc, depthwise_weights
+
+    monkeypatch.setenv("QLINEAR_KERNELS", kernels)
+    w = _rand(rng, (c_out, c_in // group, *k), np.int8)
+    w_zp = rng.integers(-5, 6, c_out)
+    packed = pack_conv_weights(w, w_zp, group)
+    dw = depthwise_weights(w, w_zp, group)
+    info = np.iinfo(x_dtype)
+    x_zp = int(rng.integers(info.min, info.max + 1))
+    bias = rng.integers(-1000, 1000, c_out).astype(np.int32)
+    mult = np.full(c_out, 0.003, np.float32)
+    begin, end = pads[:2], pads[2:]
+    for hw in [(9, 10), (9, 10), (7, 12)]:
+        x = _rand(rng, (2, c_in, *hw), x_dtype)
+        xt = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        geometry = dict(group=group, strides=stride, dilations=dil, begin=begin, end=end)
+        acc = naive.conv_integer(x, x_zp, w, w_zp, **geometry)
+        got = conv_nhwc(xt, x_zp, packed, stride, dil, begin, end, out_dtype=np.int32,
+                        dw_weights=dw)
+        np.testing.assert_array_equal(got, acc.transpose(0, 2, 3, 1))
+        acc_b = (acc.astype(np.int64) + bias.reshape(1, -1, 1, 1)).astype(np.int32)
+        want = naive.requantize(np.moveaxis(acc_b, 1, -1), mult, 7, x_dtype)
+        got = conv_nhwc(xt, x_zp, packed, stride, dil, begin, end, out_dtype=x_dtype, bias=bias,
+                        mult=mult, y_zp=7, dw_weights=dw)
+        np.testing.assert_array_equal(got, want)

@@ -146,3 +146,44 @@ def test_int8_activation_shift_folds_into_zero_point(rng):
     packed = pack_matrix(b, _zp(rng, np.int8, 20))
     au = (a.astype(np.int16) + 128).astype(np.uint8)
     np.testing.assert_array_equal(gemm(a, -5, packed), gemm(au, 123, packed))
+
+
+# --------------------------------------------------------------------------- batched
+
+
+@pytest.mark.parametrize("use_vnni", PATHS)
+@pytest.mark.parametrize("a_dtype,b_dtype", DTYPES)
+@pytest.mark.parametrize("g,m,k,n", [(12, 13, 64, 70), (3, 1, 13, 5), (2, 9, 67, 130)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_gemm_batched_activations(use_vnni, a_dtype, b_dtype, g, m, k, n, layout, rng):
+    """Attention-style A[G] x B[G] (B packed per call, all entries in one driver call):
+    word-copy packing (K % 4 == 0, B^T contiguous or not) and byte packing, requantized."""
+    from qlinear.runtime.kernels.gemm import gemm_batched
+
+    a = _rand(rng, (g, m, k), a_dtype)
+    b = _rand(rng, (g, k, n), b_dtype)
+    if layout == "transposed":  # K^T as a view of K, as attention's Transpose leaves it
+        b = np.ascontiguousarray(np.swapaxes(b, 1, 2)).swapaxes(1, 2)
+    a_zp, b_zp = int(_zp(rng, a_dtype)), int(_zp(rng, b_dtype))
+    mult = output_multiplier(np.float32(0.02), np.float32(0.03), np.float32(0.5), n)
+    for _ in range(2):  # the second call reuses the memoized launch
+        got = gemm_batched(a, a_zp, b, b_zp, out_dtype=np.int8, mult=mult, y_zp=-3,
+                           use_vnni=use_vnni)
+        want = naive.requantize(naive.matmul_integer(a, a_zp, b, b_zp), mult, -3, np.int8)
+        np.testing.assert_array_equal(got, want)
+    acc = gemm_batched(a, a_zp, b, b_zp, out_dtype=np.int32, use_vnni=use_vnni)
+    np.testing.assert_array_equal(acc, naive.matmul_integer(a, a_zp, b, b_zp))
+
+
+@pytest.mark.parametrize("use_vnni", PATHS)
+def test_gemm_constant_batched_weights(use_vnni, rng):
+    """Constant B with batch dims packed once as groups: one call, output [G, M, N]."""
+    from qlinear.runtime.kernels.gemm import pack_weights
+
+    a = _rand(rng, (4, 7, 30), np.uint8)
+    b = _rand(rng, (4, 30, 65), np.int8)
+    packed = pack_weights(b[:, None], 3)
+    fscale = np.linspace(0.5, 2, 65).astype(np.float32)
+    got = gemm(a, 11, packed, out_dtype=np.float32, fscale=fscale, use_vnni=use_vnni)
+    want = naive.matmul_integer(a, 11, b, 3).astype(np.float32) * fscale
+    np.testing.assert_array_equal(got, want)

@@ -10,26 +10,31 @@ output rows; one blocked transpose makes NCHW. (1-D and 2-D copies run in numba,
 8 x 8 byte blocks as uint64 words when C and W are multiples of 8; 3-D uses numpy.)
 
 Depthwise (one input channel per group, any channel multiplier, 1-D/2-D): its own
-kernel over the same padded channels-last buffer, vectorized over channels, with
-weights centered per output channel so distinct per-channel weight zero points cost
-nothing; the input zero point enters once per channel through `col_term`. 3-D
-depthwise goes through the general path.
+kernels over the same padded channels-last buffer, with weights centered per output
+channel so distinct per-channel weight zero points cost nothing; the input zero point
+enters once per channel through `col_term`. `_depthwise_s1` (horizontal stride 1)
+does one long vectorized multiply-add per kernel row over a whole output row against
+row-tiled weights; `_depthwise_rows` (other strides) works per pixel, three taps per
+pass. Both are shared with the NHWC path (nhwc.py). 3-D depthwise goes through the
+general path. The driver launch of the general path is memoized per input shape.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
 
+from qlinear.runtime.kernels import config
 from qlinear.runtime.kernels.config import JIT
-from qlinear.runtime.kernels.gemm import ACT_SHIFT, PackedWeights, pack_weights, run_packed
+from qlinear.runtime.kernels.gemm import ACT_SHIFT, PackedLaunch, PackedWeights, pack_weights
 from qlinear.runtime.kernels.parallel import claim, finish, run_tasks
 from qlinear.runtime.kernels.requant import (
     OUT_FLOAT,
     OUT_INT32,
     OUT_QUANTIZED,
+    requantize_byte,
     requantize_value,
 )
 
@@ -83,6 +88,8 @@ class PackedConv:
     kernel: tuple[int, ...]
     gemm: PackedWeights | None  # general path
     centered: np.ndarray | None  # depthwise: int16 [T, C_out] = w - w_zp[c], channel-contiguous
+    #: per-input-shape call plans (offsets, launches, padded buffers), see nhwc.conv_nhwc
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def depthwise(self) -> bool:
@@ -241,6 +248,11 @@ def conv(
             col64 = col64 + np.broadcast_to(np.asarray(bias, np.int64).reshape(-1), (c_out,))
         col = col64.astype(np.int32)
         rows_out = np.empty((b, pix, c_out), out_dtype)
+        if mode != OUT_FLOAT:
+            _depthwise_fast(buf, packed.centered, k2, s2, d2, o2, col, mode, rows_out,
+                            _f32(mult, c_out), int(y_zp), info)
+            _to_nchw(rows_out, out)
+            return out
         run_tasks(
             _depthwise_nhwc,
             b * o2[0],
@@ -313,37 +325,44 @@ def conv(
     else:
         buf = _channels_last_padded(x, packed.groups, cgp, begin, end)
         _fill_spatial_padding(buf, int(x_zp) + shift, cg, begin, end)
-    psp = buf.shape[1:-2]
-    pix_bytes = packed.groups * cgp
-    dim_steps = [int(np.prod(psp[i + 1 :])) * pix_bytes for i in range(len(psp))]
-    img_bytes = int(np.prod(psp)) * pix_bytes
-    taps = _offsets(packed.kernel, [d * s for d, s in zip(dilations, dim_steps, strict=True)])
-    row_off = (
-        np.arange(b, dtype=np.int64)[:, None] * img_bytes
-        + _offsets(osp, [st * s for st, s in zip(strides, dim_steps, strict=True)])[None, :]
-    ).reshape(-1)
-    # The epilogue writes channels-last rows (unit stride, vectorized); one blocked
-    # transpose then makes NCHW, cheaper than scattering every tile across channels.
     rows_out = np.empty((b * pix, packed.c_out), out_dtype)
-    run_packed(
-        buf.reshape(-1),
-        row_off,
-        cgp,
-        taps,
-        int(x_zp) + shift,
-        pw,
-        mode=mode,
-        out=rows_out.reshape(-1),
-        out_row_off=np.arange(b * pix, dtype=np.int64) * packed.c_out,
-        out_col_stride=1,
-        bias=bias,
-        mult=None if mult is None else np.ascontiguousarray(mult, np.float32),
-        y_zp=int(y_zp),
-        q_range=(int(info.min), int(info.max)),
-        fscale=None if fscale is None else np.ascontiguousarray(fscale, np.float32),
-        fbias=None if fbias is None else np.ascontiguousarray(fbias, np.float32),
-        use_vnni=use_vnni,
-    )
+    key = ("nchw", buf.shape, strides, dilations, osp, out_dtype.str, int(x_zp) + shift,
+           int(y_zp), use_vnni, config.kernel_choice(),
+           *(None if v is None else np.asarray(v).tobytes() for v in (bias, mult, fscale, fbias)))
+    launch = packed.memo.get(key)
+    if launch is None:
+        psp = buf.shape[1:-2]
+        pix_bytes = packed.groups * cgp
+        dim_steps = [int(np.prod(psp[i + 1 :])) * pix_bytes for i in range(len(psp))]
+        img_bytes = int(np.prod(psp)) * pix_bytes
+        taps = _offsets(packed.kernel, [d * s for d, s in zip(dilations, dim_steps, strict=True)])
+        row_off = (
+            np.arange(b, dtype=np.int64)[:, None] * img_bytes
+            + _offsets(osp, [st * s for st, s in zip(strides, dim_steps, strict=True)])[None, :]
+        ).reshape(-1)
+        # The epilogue writes channels-last rows (unit stride, vectorized); one blocked
+        # transpose then makes NCHW, cheaper than scattering every tile across channels.
+        launch = PackedLaunch(
+            row_off,
+            cgp,
+            taps,
+            int(x_zp) + shift,
+            pw,
+            mode=mode,
+            out_row_off=np.arange(b * pix, dtype=np.int64) * packed.c_out,
+            out_col_stride=1,
+            bias=bias,
+            mult=None if mult is None else np.ascontiguousarray(mult, np.float32),
+            y_zp=int(y_zp),
+            q_range=(int(info.min), int(info.max)),
+            fscale=None if fscale is None else np.ascontiguousarray(fscale, np.float32),
+            fbias=None if fbias is None else np.ascontiguousarray(fbias, np.float32),
+            use_vnni=use_vnni,
+        )
+        if len(packed.memo) > 32:
+            packed.memo.clear()
+        packed.memo[key] = launch
+    launch.run(buf.reshape(-1), rows_out.reshape(-1))
     _to_nchw(rows_out.reshape(b, pix, packed.c_out), out)
     return out
 
@@ -700,3 +719,180 @@ def _depthwise_nhwc(
                 for c in range(uc):
                     out_f[ob + c] = np.float32(acc[ab + c]) * fscale[c] + fbias[c]
         finish(counters)
+
+
+@njit(**JIT)
+def _depthwise_rows(
+    counters, buf, wt, kh, kw, sh, sw, dh, dw, oh_n, ow_n, col, mode, out_i32, out_q, mult,
+    y_zp, q_lo, q_hi,
+):
+    """Depthwise conv over a padded NHWC buffer (every tap in range), one output row per
+    task. Per pixel: acc = col; acc += x_tap * w_tap for each tap; requantize. Each inner
+    loop touches three arrays over contiguous channel slices, so LLVM vectorizes it
+    (one loop over all nine taps at once has too many pointers for its alias checks).
+
+    `wt` [T, C] is centered per channel (w - w_zp[c]); `col[c]` = bias[c] -
+    x_zp * sum_t wt[t, c] completes sum (x - x_zp)(w - w_zp[c]).
+    """
+    nb, hp, wp, c_n = buf.shape
+    bf = buf.reshape(-1)
+    wf = wt.reshape(-1)
+    lo = np.float32(q_lo - y_zp)
+    hi = np.float32(q_hi - y_zp)
+    zp_f = np.float32(y_zp)
+    acc = np.empty(c_n, np.int32)
+    ntasks = nb * oh_n
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        bi = task // oh_n
+        oh = task - bi * oh_n
+        obase = (bi * oh_n + oh) * ow_n * c_n
+        for ow in range(ow_n):
+            for c in range(c_n):
+                acc[c] = col[c]
+            for i in range(kh):
+                rowb = ((bi * hp + oh * sh + i * dh) * wp + ow * sw) * c_n
+                if kw == 3:
+                    # a kernel row's three taps per pass: a third of the acc round trips
+                    d = dw * c_n
+                    x0 = bf[rowb : rowb + c_n]
+                    x1 = bf[rowb + d : rowb + d + c_n]
+                    x2 = bf[rowb + 2 * d : rowb + 2 * d + c_n]
+                    wo = 3 * i * c_n
+                    w0 = wf[wo : wo + c_n]
+                    w1 = wf[wo + c_n : wo + 2 * c_n]
+                    w2 = wf[wo + 2 * c_n : wo + 3 * c_n]
+                    for c in range(c_n):
+                        acc[c] += (
+                            np.int32(x0[c]) * np.int32(w0[c])
+                            + np.int32(x1[c]) * np.int32(w1[c])
+                            + np.int32(x2[c]) * np.int32(w2[c])
+                        )
+                    continue
+                for j in range(kw):
+                    xo = rowb + j * dw * c_n
+                    xs = bf[xo : xo + c_n]
+                    wo = (i * kw + j) * c_n
+                    ws = wf[wo : wo + c_n]
+                    for c in range(c_n):
+                        acc[c] += np.int32(xs[c]) * np.int32(ws[c])
+            o = obase + ow * c_n
+            if mode == 1:
+                oq = out_q[o : o + c_n]
+                for c in range(c_n):
+                    oq[c] = requantize_byte(acc[c], mult[c], zp_f, lo, hi)
+            else:
+                oi = out_i32[o : o + c_n]
+                for c in range(c_n):
+                    oi[c] = acc[c]
+        finish(counters)
+
+
+#: Elements of one output row processed per block by `_depthwise_s1` (acc stays in L1).
+DW_BLOCK = 2048
+
+
+@njit(**JIT)
+def _depthwise_s1(
+    counters, buf, wexp, kh, kw, sh, dh, dw, oh_n, ow_n, colx, mode, out_i32, out_q, multx,
+    y_zp, q_lo, q_hi,
+):
+    """Depthwise conv with horizontal stride 1 over a padded NHWC buffer, one output row
+    per task. With stride 1 a tap's inputs for a whole output row are one contiguous
+    span (ow*C + c), so every tap is a single long vectorized multiply-add over the row,
+    against weights tiled along the row at plan time (`wexp[t, ow*C + c] = wt[t, c]`);
+    per-pixel loops over a few dozen channels spent their time in loop overhead.
+    `colx`/`multx` are the column term and multipliers tiled the same way.
+    """
+    nb, hp, wp, c_n = buf.shape
+    row_len = ow_n * c_n
+    bf = buf.reshape(-1)
+    lo = np.float32(q_lo - y_zp)
+    hi = np.float32(q_hi - y_zp)
+    zp_f = np.float32(y_zp)
+    acc = np.empty(DW_BLOCK, np.int32)
+    ntasks = nb * oh_n
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        bi = task // oh_n
+        oh = task - bi * oh_n
+        obase = (bi * oh_n + oh) * row_len
+        for k0 in range(0, row_len, DW_BLOCK):
+            kn = min(DW_BLOCK, row_len - k0)
+            a = acc[:kn]
+            cs = colx[k0 : k0 + kn]
+            if kw == 3:
+                # one pass per kernel row, its three taps summed in registers: a third of
+                # the accumulator stores, and few enough pointers for LLVM to vectorize
+                for i in range(kh):
+                    xo = (bi * hp + oh * sh + i * dh) * wp * c_n + k0
+                    d = dw * c_n
+                    x0 = bf[xo : xo + kn]
+                    x1 = bf[xo + d : xo + d + kn]
+                    x2 = bf[xo + 2 * d : xo + 2 * d + kn]
+                    w0 = wexp[3 * i, k0 : k0 + kn]
+                    w1 = wexp[3 * i + 1, k0 : k0 + kn]
+                    w2 = wexp[3 * i + 2, k0 : k0 + kn]
+                    if i == 0:
+                        for k in range(kn):
+                            a[k] = (
+                                cs[k]
+                                + np.int32(x0[k]) * np.int32(w0[k])
+                                + np.int32(x1[k]) * np.int32(w1[k])
+                                + np.int32(x2[k]) * np.int32(w2[k])
+                            )
+                    else:
+                        for k in range(kn):
+                            a[k] += (
+                                np.int32(x0[k]) * np.int32(w0[k])
+                                + np.int32(x1[k]) * np.int32(w1[k])
+                                + np.int32(x2[k]) * np.int32(w2[k])
+                            )
+            else:
+                for k in range(kn):
+                    a[k] = cs[k]
+                for i in range(kh):
+                    rowb = (bi * hp + oh * sh + i * dh) * wp * c_n + k0
+                    for j in range(kw):
+                        xo = rowb + j * dw * c_n
+                        xs = bf[xo : xo + kn]
+                        ws = wexp[i * kw + j, k0 : k0 + kn]
+                        for k in range(kn):
+                            a[k] += np.int32(xs[k]) * np.int32(ws[k])
+            o = obase + k0
+            if mode == 1:
+                oq = out_q[o : o + kn]
+                ms = multx[k0 : k0 + kn]
+                for k in range(kn):
+                    oq[k] = requantize_byte(a[k], ms[k], zp_f, lo, hi)
+            else:
+                oi = out_i32[o : o + kn]
+                for k in range(kn):
+                    oi[k] = a[k]
+        finish(counters)
+
+
+def _depthwise_fast(buf, wt, k2, s2, d2, o2, col, mode, rows_out, mult, y_zp, info) -> None:
+    """Integer / 8-bit depthwise over the padded channels-last buffer (row kernels)."""
+    flat = rows_out.reshape(-1)
+    args_out = (
+        flat if mode == OUT_INT32 else _EMPTY_I32,
+        flat.view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY_U8,
+    )
+    tail = (np.int64(y_zp), np.int64(info.min), np.int64(info.max))
+    b, c_out = buf.shape[0], buf.shape[3]
+    ntasks = b * o2[0]
+    work = b * c_out * o2[0] * o2[1] * wt.shape[0] * DEPTHWISE_WORK
+    if s2[1] == 1:
+        run_tasks(_depthwise_s1, ntasks, work, buf, np.ascontiguousarray(np.tile(wt, (1, o2[1]))),
+                  np.int64(k2[0]), np.int64(k2[1]), np.int64(s2[0]), np.int64(d2[0]),
+                  np.int64(d2[1]), np.int64(o2[0]), np.int64(o2[1]), np.tile(col, o2[1]),
+                  np.int64(mode), *args_out, np.tile(mult, o2[1]), *tail)
+    else:
+        run_tasks(_depthwise_rows, ntasks, work, buf, wt, np.int64(k2[0]), np.int64(k2[1]),
+                  np.int64(s2[0]), np.int64(s2[1]), np.int64(d2[0]), np.int64(d2[1]),
+                  np.int64(o2[0]), np.int64(o2[1]), col, np.int64(mode), *args_out, mult, *tail)

@@ -15,6 +15,13 @@ One driver serves GEMM and implicit-GEMM convolution: each output row m reads it
 activations at byte offset `row_off[m]` (+ a per-tap offset) of a flat uint8 buffer.
 The epilogue writes int32, requantized 8-bit, or float32 output straight from the
 register tile (no int32 tensor is materialised for the last two).
+
+Per-call cost: everything but the data (offsets, column terms, multipliers, the ~30
+driver arguments) lives in a `PackedLaunch`, built once per shape and memoized on the
+packed weights, so a call is one numba launch (plus A packing for plain GEMMs).
+Batched products ([G, M, K] x [G, K, N]: attention, constant batched weights) run the
+G entries as the driver's groups in one launch; activation B is packed per call by
+`pack_batched` (word copies from B transposed, column terms included).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from qlinear.runtime.kernels.requant import (
     OUT_FLOAT,
     OUT_INT32,
     OUT_QUANTIZED,
+    requantize_byte,
     requantize_value,
 )
 from qlinear.runtime.kernels.vnni import (
@@ -46,6 +54,7 @@ from qlinear.runtime.kernels.vnni import (
 )
 
 ACT_SHIFT = {np.dtype(np.uint8): 0, np.dtype(np.int8): 128}
+_U = np.uint64  # unsigned indices: no negative-index fix-ups, straight-line vector code
 
 
 def round_up(x: int, m: int) -> int:
@@ -197,6 +206,7 @@ def _epilogue(
     rowsum,
     use_rowsum,
     out_row_off,
+    o_col0,
     out_col_stride,
     mode,
     out_i32,
@@ -208,46 +218,85 @@ def _epilogue(
     out_f,
     fscale,
     fbias,
+    scratch,
 ):
     """Zero-point corrections in place on the int32 tile, then int32/8-bit/float stores.
+
+    `n0` indexes the per-column parameters, `o_col0` is the output offset of the
+    tile's first column (added to each row's `out_row_off`).
 
     Loops index slices with plain range variables (no negative-index fix-ups), so LLVM
     vectorizes them; int32 arithmetic wraps exactly like ORT's int32 accumulator.
     """
     colt = col_term[n0 : n0 + ncols]
-    for r in range(rows):
-        t = tile[r * TILE_COLS : r * TILE_COLS + ncols]
-        if use_rowsum:
-            rs = rowsum[rs0 + m0 + r]
-            bz = bzp[n0 : n0 + ncols]
-            for j in range(ncols):
-                t[j] = np.int32(t[j] + colt[j] - bz[j] * rs)
-        else:
-            for j in range(ncols):
-                t[j] = np.int32(t[j] + colt[j])
-    if out_col_stride == 1:
+    zp_f = np.float32(zp)
+    if use_rowsum:
+        bz = bzp[n0 : n0 + ncols]
         for r in range(rows):
             t = tile[r * TILE_COLS : r * TILE_COLS + ncols]
-            o = out_row_off[m0 + r] + n0
+            rs = rowsum[rs0 + m0 + r]
+            for j in range(ncols):
+                t[j] = np.int32(t[j] - bz[j] * rs)
+    if out_col_stride == 1 and ncols == TILE_COLS and mode == 1:
+        # full panel, 8-bit output (the hot case): constant trip count and unsigned
+        # indices, so each row is four straight-line vector blocks, no loop set-up
+        for r in range(rows):
+            o = _U(out_row_off[m0 + r] + o_col0)
+            tb = _U(r * TILE_COLS)
+            nb = _U(n0)
+            for j in range(_U(TILE_COLS)):
+                acc = np.int32(tile[tb + j] + col_term[nb + j])
+                out_q[o + j] = requantize_byte(acc, mult[nb + j], zp_f, lo, hi)
+    elif out_col_stride == 1 and mode == 1:
+        # narrow panel (the last one, or N < 64): parameters padded to 64 once per tile,
+        # then the same fixed-width loop into a scratch row and a byte copy; per-row
+        # vector-loop set-up cost more than the arithmetic of 16..48 columns
+        cpad = scratch[0:TILE_COLS]
+        mpad = scratch[TILE_COLS : 2 * TILE_COLS].view(np.float32)
+        sq = scratch[2 * TILE_COLS : 3 * TILE_COLS].view(np.uint8)
+        nb = _U(n0)
+        for j in range(_U(TILE_COLS)):
+            inside = j < _U(ncols)
+            cpad[j] = col_term[nb + j] if inside else 0
+            mpad[j] = mult[nb + j] if inside else np.float32(0)
+        for r in range(rows):
+            tb = _U(r * TILE_COLS)
+            for j in range(_U(TILE_COLS)):
+                acc = np.int32(tile[tb + j] + cpad[j])
+                sq[j] = requantize_byte(acc, mpad[j], zp_f, lo, hi)
+            o = out_row_off[m0 + r] + o_col0
+            oq = out_q[o : o + ncols]
+            for j in range(ncols):
+                oq[j] = sq[j]
+    elif out_col_stride == 1:
+        # the column term is added in the store loop: one pass over the tile per row
+        for r in range(rows):
+            t = tile[r * TILE_COLS : r * TILE_COLS + ncols]
+            o = out_row_off[m0 + r] + o_col0
             if mode == 0:
                 oi = out_i32[o : o + ncols]
                 for j in range(ncols):
-                    oi[j] = t[j]
+                    oi[j] = np.int32(t[j] + colt[j])
             elif mode == 1:
                 oq = out_q[o : o + ncols]
                 ml = mult[n0 : n0 + ncols]
                 for j in range(ncols):
-                    oq[j] = np.uint8(requantize_value(t[j], ml[j], zp, lo, hi) & 0xFF)
+                    acc = np.int32(t[j] + colt[j])
+                    oq[j] = requantize_byte(acc, ml[j], zp_f, lo, hi)
             else:
                 of = out_f[o : o + ncols]
                 fs = fscale[n0 : n0 + ncols]
                 fb = fbias[n0 : n0 + ncols]
                 for j in range(ncols):
-                    of[j] = np.float32(t[j]) * fs[j] + fb[j]
+                    of[j] = np.float32(np.int32(t[j] + colt[j])) * fs[j] + fb[j]
     else:
+        for r in range(rows):
+            t = tile[r * TILE_COLS : r * TILE_COLS + ncols]
+            for j in range(ncols):
+                t[j] = np.int32(t[j] + colt[j])
         for j in range(ncols):
             n = n0 + j
-            o = n * out_col_stride
+            o = o_col0 + j * out_col_stride
             if mode == 0:
                 for r in range(rows):
                     out_i32[out_row_off[m0 + r] + o] = tile[r * TILE_COLS + j]
@@ -267,6 +316,10 @@ def _epilogue(
 def _gemm_tiles(
     counters,
     a,
+    rowsum,
+    out_i32,
+    out_q,
+    out_f,
     row_off,
     group_stride,
     taps,
@@ -281,31 +334,36 @@ def _gemm_tiles(
     m_block,
     col_term,
     bzp,
-    rowsum,
     use_rowsum,
     out_row_off,
     out_col_stride,
+    out_group_stride,
     mode,
-    out_i32,
-    out_q,
     mult,
     y_zp,
     q_lo,
     q_hi,
-    out_f,
     fscale,
     fbias,
     use_vnni,
+    pg_size,
 ):
-    """Claims (group, row block, 64-column panel) tasks; epilogue straight from the tile."""
+    """Claims (group, panel group, row block) tasks; epilogue straight from the tile.
+
+    A panel group is `pg_size` 64-column panels (~256 KB of weights, L2-resident while
+    the row blocks stream past it). A task covers all panels of its group for its rows:
+    when the group spans all columns, each thread writes whole output rows, so two
+    threads never share an output cache line (panels of narrow outputs used to).
+    """
     m_blocks = (m_total + m_block - 1) // m_block
-    per_group = m_blocks * panels
+    n_pg = (panels + pg_size - 1) // pg_size
+    per_group = m_blocks * n_pg
     ntasks = groups * per_group
-    pg_size = max(1, min(panels, (256 * 1024) // panel_bytes))
     lo = np.float32(q_lo - y_zp)
     hi = np.float32(q_hi - y_zp)
     zp = np.int32(y_zp)
     tile = np.empty(MAX_ROWS * TILE_COLS, np.int32)
+    scratch = np.empty(3 * TILE_COLS, np.int32)
     offs = np.empty(MAX_ROWS, np.int64)
     while True:
         task = claim(counters)
@@ -313,46 +371,45 @@ def _gemm_tiles(
             break
         g = task // per_group
         rem = task - g * per_group
-        # panels go in groups of ~256 KB of weights; inside a group, row blocks outer and
-        # panels inner: the group stays in L2 while every row block streams past it
-        pgi = rem // (m_blocks * pg_size)
-        cnt = min(pg_size, panels - pgi * pg_size)
-        local = rem - pgi * pg_size * m_blocks
-        mb = local // cnt
-        panel = pgi * pg_size + (local - mb * cnt)
-        b_off = (g * panels + panel) * panel_bytes
-        n0 = panel * TILE_COLS
-        ncols = min(TILE_COLS, cols - n0)
+        pgi = rem // m_blocks
+        mb = rem - pgi * m_blocks
+        p_end = min(panels, (pgi + 1) * pg_size)
         m_end = min(m_total, (mb + 1) * m_block)
         for m0 in range(mb * m_block, m_end, MAX_ROWS):
             rows = min(MAX_ROWS, m_end - m0)
             for r in range(rows):
                 offs[r] = row_off[m0 + r] + g * group_stride
-            _tile(a, offs, taps, c4, a_step, bpack, b_off, tile, rows, use_vnni)
-            _epilogue(
-                tile,
-                rows,
-                ncols,
-                m0,
-                g * cols + n0,
-                g * m_total,
-                col_term,
-                bzp,
-                rowsum,
-                use_rowsum,
-                out_row_off,
-                out_col_stride,
-                mode,
-                out_i32,
-                out_q,
-                mult,
-                zp,
-                lo,
-                hi,
-                out_f,
-                fscale,
-                fbias,
-            )
+            for panel in range(pgi * pg_size, p_end):
+                b_off = (g * panels + panel) * panel_bytes
+                n0 = panel * TILE_COLS
+                ncols = min(TILE_COLS, cols - n0)
+                _tile(a, offs, taps, c4, a_step, bpack, b_off, tile, rows, use_vnni)
+                _epilogue(
+                    tile,
+                    rows,
+                    ncols,
+                    m0,
+                    g * cols + n0,
+                    g * m_total,
+                    col_term,
+                    bzp,
+                    rowsum,
+                    use_rowsum,
+                    out_row_off,
+                    g * out_group_stride + n0 * out_col_stride,
+                    out_col_stride,
+                    mode,
+                    out_i32,
+                    out_q,
+                    mult,
+                    zp,
+                    lo,
+                    hi,
+                    out_f,
+                    fscale,
+                    fbias,
+                    scratch,
+                )
         finish(counters)
 
 
@@ -374,37 +431,128 @@ def _row_sums(a, row_off, group_stride, taps, width, groups, out):
 
 @njit(**JIT)
 def _pack_row_tiles(counters, a, flip, out, rowsum):
-    """out[tile][q][r] = a[tile*MR + r, q] ^ flip, on 4-byte words; row sums of the bytes.
+    """out[g][tile][q][r] = a[g, tile*MR + r, q] ^ flip, on 4-byte words; row sums of the bytes.
 
-    `a` is A viewed as uint32 words [M, K/4] (K padded to 4 with zeros); flip
-    0x80808080 adds 128 to every byte mod 256 (int8 -> uint8). Rows past M are zero.
-    One task = 8 tiles.
+    `a` is A viewed as uint32 words [G, M, K/4] (K padded to 4 with zeros, any strides);
+    flip 0x80808080 adds 128 to every byte mod 256 (int8 -> uint8). Rows past M are
+    zero. One task = 8 tiles of one batch entry g.
     """
-    m_total, k4 = a.shape
-    tiles = out.shape[0] // (MAX_ROWS * k4)
+    nb, m_total, k4 = a.shape
+    tiles = (m_total + MAX_ROWS - 1) // MAX_ROWS
     want = rowsum.shape[0] > 0
-    ntasks = (tiles + 7) // 8
+    chunks = (tiles + 7) // 8
+    ntasks = nb * chunks
     while True:
         task = claim(counters)
         if task >= ntasks:
             break
-        for t in range(task * 8, min(tiles, task * 8 + 8)):
-            base = t * k4 * MAX_ROWS
+        g = task // chunks
+        t0 = (task - g * chunks) * 8
+        for t in range(t0, min(tiles, t0 + 8)):
+            base = (g * tiles + t) * k4 * MAX_ROWS
             for r in range(MAX_ROWS):
                 m = t * MAX_ROWS + r
                 if m < m_total:
                     s = np.uint32(0)
                     for q in range(k4):
-                        w = a[m, q] ^ flip
+                        w = a[g, m, q] ^ flip
                         out[base + q * MAX_ROWS + r] = w
                         if want:
                             s += (w & np.uint32(0xFF)) + ((w >> np.uint32(8)) & np.uint32(0xFF))
                             s += ((w >> np.uint32(16)) & np.uint32(0xFF)) + (w >> np.uint32(24))
                     if want:
-                        rowsum[m] = np.int32(s)
+                        rowsum[g * m_total + m] = np.int32(s)
                 else:
                     for q in range(k4):
                         out[base + q * MAX_ROWS + r] = np.uint32(0)
+        finish(counters)
+
+
+@njit(**JIT)
+def _pack_b_panels(counters, b, flip, zp, a_zp, out, colsum, col_term):
+    """Per-call weight packing of B [G, K, N] (uint8 bytes, any strides) into
+    [G][panel][K/4][64][4] int8 (byte ^ flip: uint8 -> int8 is b - 128), plus column sums
+    and the column term -a_zp*colsum + K*a_zp*zp (int32 wrap-around).
+
+    Used for activation x activation products (attention); constant weights go through
+    `pack_weights` once instead. Padding (K to 4, N to 64) is zero. One task per (g, panel).
+    """
+    nb, k, n = b.shape
+    panels = (n + TILE_COLS - 1) // TILE_COLS
+    k4 = (k + 3) // 4
+    pbytes = k4 * TILE_COLS * 4
+    ntasks = nb * panels
+    cs = np.empty(TILE_COLS, np.int32)
+    cross = np.int32(k * a_zp * zp)
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        g = task // panels
+        p = task - g * panels
+        n0 = p * TILE_COLS
+        nc = min(TILE_COLS, n - n0)
+        base = task * pbytes
+        for j in range(TILE_COLS):
+            cs[j] = 0
+        for q in range(k4):
+            row = base + q * (TILE_COLS * 4)
+            for sub in range(4):
+                kk = 4 * q + sub
+                if kk < k:
+                    for j in range(nc):
+                        v = b[g, kk, n0 + j] ^ flip
+                        out[row + 4 * j + sub] = v
+                        cs[j] += np.int32(v ^ np.uint8(0x80)) - 128
+                    for j in range(nc, TILE_COLS):
+                        out[row + 4 * j + sub] = 0
+                else:
+                    for j in range(TILE_COLS):
+                        out[row + 4 * j + sub] = 0
+        for j in range(nc):
+            colsum[g * n + n0 + j] = cs[j]
+            col_term[g * n + n0 + j] = np.int32(cross - a_zp * cs[j])
+        finish(counters)
+
+
+@njit(**JIT)
+def _pack_bt_panels(counters, bt, flip, zp, a_zp, out, colsum, col_term):
+    """`_pack_b_panels` from B transposed, bt [G, N, K/4] as uint32 words (K % 4 == 0):
+    each packed 4-byte group is one word of bt, so packing is a word copy. Attention's
+    QK^T gets K^T as a transposed view of K, which is exactly this layout (no copy)."""
+    nb, n, k4 = bt.shape
+    panels = (n + TILE_COLS - 1) // TILE_COLS
+    pwords = k4 * TILE_COLS
+    ntasks = nb * panels
+    cross = np.int32(4 * k4 * a_zp * zp)
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        g = task // panels
+        p = task - g * panels
+        n0 = p * TILE_COLS
+        nc = min(TILE_COLS, n - n0)
+        base = task * pwords
+        for j in range(TILE_COLS):
+            if j < nc:
+                s = np.int32(0)
+                for q in range(k4):
+                    w = bt[g, n0 + j, q] ^ flip
+                    out[base + q * TILE_COLS + j] = w
+                    # signed bytes: (byte ^ 0x80) - 128, summed as 4 biased bytes
+                    x = w ^ np.uint32(0x80808080)
+                    s += np.int32(
+                        (x & np.uint32(0xFF))
+                        + ((x >> np.uint32(8)) & np.uint32(0xFF))
+                        + ((x >> np.uint32(16)) & np.uint32(0xFF))
+                        + (x >> np.uint32(24))
+                    ) - 512
+                colsum[g * n + n0 + j] = s
+                col_term[g * n + n0 + j] = np.int32(cross - a_zp * s)
+            else:
+                for q in range(k4):
+                    out[base + q * TILE_COLS + j] = np.uint32(0)
         finish(counters)
 
 
@@ -421,6 +569,155 @@ def _pick_row_block(m: int, tasks_per_row_block: int) -> int:
     want_blocks = max(1, -(-16 // max(tasks_per_row_block, 1)))
     block = round_up(max(1, -(-m // want_blocks)), MAX_ROWS)
     return max(MAX_ROWS, min(block, 8 * MAX_ROWS))
+
+
+def _panel_group(packed: PackedWeights, m: int) -> int:
+    """Panels per task: ~256 KB of packed weights (stays in L2), but few-row products
+    (M=1 heads: memory-bound) still get >= 8 tasks to share between threads."""
+    pg = max(1, min(packed.panels, (256 * 1024) // max(packed.step_bytes, 1)))
+    max_row_blocks = -(-m // MAX_ROWS)
+    want_pg = -(-8 // max_row_blocks)
+    if want_pg > 1:
+        pg = min(pg, max(1, packed.panels // want_pg))
+    return pg
+
+
+class PackedLaunch:
+    """One prepared driver call: every argument except the activations, row sums and
+    output, computed once per (shape, zero points, scales) and reused for every call.
+
+    Why: the Python setup of a call (offsets, column terms, multipliers, 30 numba
+    arguments) used to cost 20-40 us, as much as a small convolution's arithmetic.
+    """
+
+    __slots__ = ("const", "ntasks", "work", "mode", "need_rowsum", "rowsum_args", "groups",
+                 "m_total")
+
+    def __init__(
+        self,
+        row_off: np.ndarray,
+        group_stride: int,
+        taps: np.ndarray,
+        a_zp: int,
+        packed: PackedWeights,
+        *,
+        mode: int,
+        out_row_off: np.ndarray,
+        out_col_stride: int,
+        out_group_stride: int | None = None,
+        bias: np.ndarray | None = None,
+        mult: np.ndarray | None = None,
+        y_zp: int = 0,
+        q_range: tuple[int, int] = (0, 255),
+        fscale: np.ndarray | None = None,
+        fbias: np.ndarray | None = None,
+        use_vnni: bool | None = None,
+        a_step: int = 4,
+        col_term: np.ndarray | None = None,
+    ) -> None:
+        m_total = row_off.shape[0]
+        ncols_all = packed.groups * packed.cols
+        if col_term is None:
+            col_term = packed.column_term(int(a_zp), None if bias is None else np.asarray(bias))
+        vnni = config.use_vnni() if use_vnni is None else use_vnni
+        pg_size = _panel_group(packed, m_total)
+        n_pg = -(-packed.panels // pg_size)
+        m_block = _pick_row_block(m_total, packed.groups * n_pg)
+        if fscale is not None and fbias is None:
+            fbias = np.zeros(ncols_all, np.float32)
+        if out_group_stride is None:
+            out_group_stride = packed.cols * out_col_stride
+        self.mode = mode
+        self.groups = packed.groups
+        self.m_total = m_total
+        self.need_rowsum = packed.has_zero_point
+        self.rowsum_args = (
+            row_off, np.int64(group_stride), taps, np.int64(packed.c4 * 4), np.int64(packed.groups)
+        )
+        m_blocks = -(-m_total // m_block)
+        self.ntasks = packed.groups * n_pg * m_blocks
+        # streaming the packed weights costs too (M=1 heads are memory-bound)
+        self.work = m_total * ncols_all * packed.k + packed.data.size * 4
+        self.const = (
+            row_off,
+            np.int64(group_stride),
+            taps,
+            np.int64(packed.c4),
+            np.int64(a_step),
+            packed.data,
+            np.int64(packed.step_bytes),
+            np.int64(packed.groups),
+            np.int64(packed.cols),
+            np.int64(packed.panels),
+            np.int64(m_total),
+            np.int64(m_block),
+            np.ascontiguousarray(col_term, np.int32),
+            packed.zero_point,
+            bool(packed.has_zero_point),
+            out_row_off,
+            np.int64(out_col_stride),
+            np.int64(out_group_stride),
+            np.int64(mode),
+            _EMPTY_F32 if mult is None else np.ascontiguousarray(mult, np.float32),
+            np.int64(y_zp),
+            np.int64(q_range[0]),
+            np.int64(q_range[1]),
+            _EMPTY_F32 if fscale is None else np.ascontiguousarray(fscale, np.float32),
+            _EMPTY_F32 if fbias is None else np.ascontiguousarray(fbias, np.float32),
+            bool(vnni),
+            np.int64(pg_size),
+        )
+
+    def run(self, a: np.ndarray, out: np.ndarray, rowsum: np.ndarray | None = None) -> None:
+        """Drive the tiles over activation buffer `a` (flat uint8) into flat `out`."""
+        if not self.need_rowsum:
+            rowsum = _EMPTY_I32
+        elif rowsum is None:
+            if int(self.const[4]) != 4:
+                raise ValueError("row sums of tile-packed activations must come from the packing")
+            rowsum = np.empty(self.groups * self.m_total, np.int32)
+            _row_sums(a, *self.rowsum_args, rowsum)
+        mode = self.mode
+        run_tasks(
+            _gemm_tiles,
+            self.ntasks,
+            self.work,
+            a,
+            rowsum,
+            out if mode == OUT_INT32 else _EMPTY_I32,
+            out.view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY_U8,
+            out if mode == OUT_FLOAT else _EMPTY_F32,
+            *self.const,
+        )
+
+
+    def run_with(
+        self,
+        a: np.ndarray,
+        out: np.ndarray,
+        rowsum: np.ndarray | None,
+        packed: PackedWeights,
+        col_term: np.ndarray,
+    ) -> None:
+        """`run` with per-call packed weights of the same shape and zero point."""
+        c = self.const
+        mode = self.mode
+        run_tasks(
+            _gemm_tiles,
+            self.ntasks,
+            self.work,
+            a,
+            _EMPTY_I32 if rowsum is None else rowsum,
+            out if mode == OUT_INT32 else _EMPTY_I32,
+            out.view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY_U8,
+            out if mode == OUT_FLOAT else _EMPTY_F32,
+            *c[:5],
+            packed.data,
+            *c[6:12],
+            col_term,
+            packed.zero_point,
+            *c[14:],
+        )
 
 
 def run_packed(
@@ -445,106 +742,127 @@ def run_packed(
     a_step: int = 4,
     rowsum: np.ndarray | None = None,
 ) -> None:
-    """Run the tiled driver over a prepared uint8 activation buffer into `out` (flat).
+    """One-off driver call over a prepared uint8 activation buffer into `out` (flat).
 
     `a_zp` is the activation zero point in the uint8 domain of `a` (already shifted).
     `bias` (int32 per column) is added to the accumulator; `fscale`/`fbias` are the
     float epilogue's per-column scale and bias. `a_step` is the byte distance between
     consecutive 4-byte groups of one row (4 unpacked, 4*MR for A packed in tiles);
-    `rowsum` may be given when the packing already computed it.
+    `rowsum` may be given when the packing already computed it. Hot paths keep a
+    `PackedLaunch` instead.
     """
-    m_total = row_off.shape[0]
-    ncols_all = packed.groups * packed.cols
-    col_term = packed.column_term(int(a_zp), None if bias is None else np.asarray(bias))
-    use_rowsum = packed.has_zero_point
-    if not use_rowsum:
-        rowsum = _EMPTY_I32
-    elif rowsum is None:
-        if a_step != 4:
-            raise ValueError("row sums of tile-packed activations must come from the packing")
-        rowsum = np.empty(packed.groups * m_total, np.int32)
-        _row_sums(a, row_off, group_stride, taps, packed.c4 * 4, packed.groups, rowsum)
-    vnni = config.use_vnni() if use_vnni is None else use_vnni
-    m_block = _pick_row_block(m_total, packed.groups * packed.panels)
-    out_i32 = out if mode == OUT_INT32 else _EMPTY_I32
-    out_q = out.view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY_U8
-    out_f = out if mode == OUT_FLOAT else _EMPTY_F32
-    if fscale is not None and fbias is None:
-        fbias = np.zeros(ncols_all, np.float32)
-    m_blocks = -(-m_total // m_block)
-    ntasks = packed.groups * packed.panels * m_blocks
-    # streaming the packed weights costs too (M=1 heads are memory-bound)
-    work = m_total * ncols_all * packed.k + packed.data.size * 4
-    run_tasks(
-        _gemm_tiles,
-        ntasks,
-        work,
-        a,
-        row_off,
-        np.int64(group_stride),
-        taps,
-        np.int64(packed.c4),
-        np.int64(a_step),
-        packed.data,
-        np.int64(packed.step_bytes),
-        np.int64(packed.groups),
-        np.int64(packed.cols),
-        np.int64(packed.panels),
-        np.int64(m_total),
-        np.int64(m_block),
-        col_term,
-        packed.zero_point,
-        rowsum,
-        use_rowsum,
-        out_row_off,
-        np.int64(out_col_stride),
-        np.int64(mode),
-        out_i32,
-        out_q,
-        mult if mult is not None else _EMPTY_F32,
-        np.int64(y_zp),
-        np.int64(q_range[0]),
-        np.int64(q_range[1]),
-        out_f,
-        fscale if fscale is not None else _EMPTY_F32,
-        fbias if fbias is not None else _EMPTY_F32,
-        bool(vnni),
-    )
+    PackedLaunch(
+        row_off, group_stride, taps, a_zp, packed, mode=mode, out_row_off=out_row_off,
+        out_col_stride=out_col_stride, bias=bias, mult=mult, y_zp=y_zp, q_range=q_range,
+        fscale=fscale, fbias=fbias, use_vnni=use_vnni, a_step=a_step,
+    ).run(a, out, rowsum)
 
 
 def pack_rows(
     a: np.ndarray, want_rowsum: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """A [M, K] (uint8/int8) packed per call into MR-row tiles [M/MR][K4][MR][4] (uint8).
+    """A [M, K] or [G, M, K] (uint8/int8) packed per call into MR-row tiles
+    [G][M/MR][K4][MR][4] (uint8).
 
     One contiguous stream per tile keeps the micro-kernel's broadcasts in cache lines
     the prefetcher already fetched. int8 is shifted by +128 on the way, K is padded
     with zeros (weights are 0 there too) and row sums come out of the same pass.
-    Returns (buffer, row offsets, row sums or None, shift).
+    Returns (buffer, row offsets within one batch entry, row sums or None, shift).
     """
     if a.dtype not in ACT_SHIFT:
         raise TypeError(f"activations must be uint8 or int8, got {a.dtype}")
     shift = ACT_SHIFT[a.dtype]
-    m, k = a.shape
+    a3 = a if a.ndim == 3 else a[None]
+    g, m, k = a3.shape
     kp = round_up(max(k, 1), 4)
     mp = round_up(max(m, 1), MAX_ROWS)
-    a8 = np.ascontiguousarray(a).view(np.uint8)
+    a8 = a3.view(np.uint8) if a3.flags.c_contiguous else np.ascontiguousarray(a3).view(np.uint8)
     if kp != k:
-        a8 = np.pad(a8, ((0, 0), (0, kp - k)), constant_values=0x80 if shift else 0)
-    buf = np.empty(mp * kp, np.uint8)
-    rowsum = np.empty(m if want_rowsum else 0, np.int32)
-    flip = np.uint32(0x80808080 if shift else 0)
+        a8 = np.pad(a8, ((0, 0), (0, 0), (0, kp - k)), constant_values=0x80 if shift else 0)
+    buf = np.empty(g * mp * kp, np.uint8)
+    rowsum = np.empty(g * m if want_rowsum else 0, np.int32)
     tiles = mp // MAX_ROWS
     run_tasks(
         _pack_row_tiles,
-        -(-tiles // 8),
-        m * kp * 32,
+        g * -(-tiles // 8),
+        g * m * kp * 32,
         a8.view(np.uint32),
-        flip,
+        np.uint32(0x80808080 if shift else 0),
         buf.view(np.uint32),
         rowsum,
     )
     return buf, _tile_row_offsets(m, kp), (rowsum if want_rowsum else None), shift
+
+
+def _pack_b_rows(b, flip, zp, a_zp, data, colsum, col_term) -> None:
+    g, k, n = b.shape
+    panels = -(-max(n, 1) // TILE_COLS)
+    run_tasks(
+        _pack_b_panels,
+        g * panels,
+        g * k * n * 64,
+        b.view(np.uint8),
+        np.uint8(flip),
+        np.int32(zp),
+        np.int32(a_zp),
+        data.view(np.uint8),
+        colsum,
+        col_term,
+    )
+
+
+def pack_batched(
+    b: np.ndarray, zero_point: int, a_zp: int = 0
+) -> tuple[PackedWeights, np.ndarray]:
+    """Pack B [G, K, N] (uint8/int8, per-tensor zero point) per call, in one numba pass.
+
+    For activation x activation matmuls (attention QK^T, AV): G batch entries become
+    the driver's groups, so all heads run in one call with tasks over (head, panel).
+    Also returns the column term for activations with (uint8-domain) zero point a_zp.
+    """
+    if b.ndim != 3 or b.dtype not in (np.int8, np.uint8):
+        raise ValueError(f"pack_batched wants int8/uint8 [G, K, N], got {b.dtype} {b.shape}")
+    g, k, n = b.shape
+    panels = -(-max(n, 1) // TILE_COLS)
+    c4 = -(-max(k, 1) // 4)
+    data = np.empty(g * panels * c4 * TILE_COLS * 4, np.int8)
+    colsum = np.empty(g * n, np.int32)
+    col_term = np.empty(g * n, np.int32)
+    zp = int(zero_point)
+    flip = 0
+    if b.dtype == np.uint8:
+        flip, zp = 0x80, zp - 128
+    if k % 4 == 0:
+        # word-copy packing from B transposed: free for K^T views, else one numpy
+        # transpose (still ~2x faster than the byte-scatter packing)
+        bt = np.ascontiguousarray(np.swapaxes(b, 1, 2))
+        run_tasks(
+            _pack_bt_panels,
+            g * panels,
+            g * k * n * 16,
+            bt.view(np.uint8).view(np.uint32),
+            np.uint32(flip * 0x01010101),
+            np.int32(zp),
+            np.int32(a_zp),
+            data.view(np.uint32),
+            colsum,
+            col_term,
+        )
+    else:
+        _pack_b_rows(b, flip, zp, a_zp, data, colsum, col_term)
+    packed = PackedWeights(
+        data=data,
+        colsum=colsum,
+        zero_point=np.full(g * n, zp, np.int32),
+        k=k,
+        taps=1,
+        c4=c4,
+        groups=g,
+        cols=n,
+        panels=panels,
+        has_zero_point=zp != 0,
+    )
+    return packed, col_term
 
 
 @functools.lru_cache(maxsize=256)
@@ -564,10 +882,96 @@ def _strided_offsets(m: int, stride: int) -> np.ndarray:
 
 _TAP0 = np.zeros(1, np.int64)
 _Q_RANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+_MODES = {np.dtype(np.int32): OUT_INT32, np.dtype(np.float32): OUT_FLOAT,
+          np.dtype(np.uint8): OUT_QUANTIZED, np.dtype(np.int8): OUT_QUANTIZED}
+
+
+def _bytes_key(v: np.ndarray | None) -> bytes | None:
+    return None if v is None else np.ascontiguousarray(v).tobytes()
+
+
+def _gemm_launch(
+    packed: PackedWeights,
+    g: int,
+    m: int,
+    kp: int,
+    a_zp: int,
+    out_dtype: np.dtype,
+    bias: np.ndarray | None,
+    mult: np.ndarray | None,
+    y_zp: int,
+    fscale: np.ndarray | None,
+    fbias: np.ndarray | None,
+    use_vnni: bool | None,
+    memo: bool,
+) -> PackedLaunch:
+    """The PackedLaunch of a (batched) GEMM with tile-packed A, memoized on the weights."""
+    key = ("gemm", g, m, kp, a_zp, out_dtype.str, y_zp, use_vnni, config.kernel_choice(),
+           _bytes_key(bias), _bytes_key(mult), _bytes_key(fscale), _bytes_key(fbias))
+    hit = packed.memo.get(key) if memo else None
+    if hit is not None:
+        return hit
+    mode = _MODES.get(out_dtype)
+    if mode is None:
+        raise TypeError(f"unsupported output dtype {out_dtype}")
+    if mode == OUT_FLOAT and fscale is None:
+        raise ValueError("float output needs fscale")
+    if mode == OUT_QUANTIZED and mult is None:
+        raise ValueError("quantized output needs mult")
+    n_all = packed.groups * packed.cols
+    if g > 1:  # per-column parameters repeat per batch entry
+        mult = None if mult is None else np.tile(np.broadcast_to(mult, (packed.cols,)), g)
+        fscale = None if fscale is None else np.tile(np.broadcast_to(fscale, (packed.cols,)), g)
+        fbias = None if fbias is None else np.tile(np.broadcast_to(fbias, (packed.cols,)), g)
+        if bias is not None:
+            bias = np.tile(np.broadcast_to(bias, (packed.cols,)), g)
+    col_term = None
+    if g > 1 or not memo:
+        col_term = _column_term(packed, a_zp, bias, n_all)
+    launch = PackedLaunch(
+        _tile_row_offsets(m, kp),
+        round_up(max(m, 1), MAX_ROWS) * kp,
+        _TAP0,
+        a_zp,
+        packed,
+        mode=mode,
+        out_row_off=_strided_offsets(m, packed.cols),
+        out_col_stride=1,
+        out_group_stride=m * packed.cols,
+        bias=bias,
+        mult=mult,
+        y_zp=y_zp,
+        q_range=_Q_RANGE.get(out_dtype, (0, 255)),
+        fscale=fscale,
+        fbias=fbias,
+        use_vnni=use_vnni,
+        a_step=4 * MAX_ROWS,
+        col_term=col_term,
+    )
+    if memo:
+        if len(packed.memo) > 64:
+            packed.memo.clear()
+        packed.memo[key] = launch
+    return launch
+
+
+def _column_term(packed: PackedWeights, a_zp: int, bias: np.ndarray | None, n: int) -> np.ndarray:
+    """int32 bias - a_zp*colsum + K*a_zp*b_zp per column, without memoizing (per-call B)."""
+    zpk = np.int64(a_zp)
+    col = -zpk * packed.colsum.astype(np.int64) + packed.k * zpk * packed.zero_point
+    if bias is not None:
+        col = col + np.broadcast_to(np.asarray(bias, np.int64).reshape(-1), (n,))
+    return col.astype(np.int32)
 
 
 def _check(a: np.ndarray, packed: PackedWeights) -> None:
-    if a.ndim != 2 or packed.groups != 1 or packed.taps != 1 or a.shape[1] != packed.k:
+    g = 1 if a.ndim == 2 else a.shape[0]
+    if (
+        a.ndim not in (2, 3)
+        or packed.groups != g
+        or packed.taps != 1
+        or a.shape[-1] != packed.k
+    ):
         raise ValueError(
             f"A {a.shape} does not match packed weights (K={packed.k}, groups={packed.groups})"
         )
@@ -585,50 +989,74 @@ def gemm(
     fscale: np.ndarray | None = None,
     fbias: np.ndarray | None = None,
     use_vnni: bool | None = None,
+    memo: bool = True,
 ) -> np.ndarray:
     """(A - a_zp)(B - b_zp) for A [M, K] uint8/int8 and packed B, into out_dtype [M, N].
 
+    A may also be [G, M, K] with B packed as G groups (`pack_batched` or constant
+    batched weights): one driver call for all G products, output [G, M, N].
     out_dtype int32: the exact accumulator (+ int32 bias). uint8/int8: requantized with
-    per-column `mult` and `y_zp`. float32: acc * fscale[n] + fbias[n].
+    per-column `mult` and `y_zp`. float32: acc * fscale[n] + fbias[n]. The launch is
+    memoized on `packed` (set memo=False for weights packed per call).
     """
     _check(a, packed)
-    m = a.shape[0]
+    g = 1 if a.ndim == 2 else a.shape[0]
+    m = a.shape[-2]
     n = packed.cols
-    buf, row_off, rowsum, shift = pack_rows(a, packed.has_zero_point)
-    taps = _TAP0
     out_dtype = np.dtype(out_dtype)
-    out = np.empty((m, n), out_dtype)
-    if out_dtype == np.int32:
-        mode = OUT_INT32
-    elif out_dtype == np.float32:
-        mode = OUT_FLOAT
-        if fscale is None:
-            raise ValueError("float output needs fscale")
-    elif out_dtype in (np.uint8, np.int8):
-        mode = OUT_QUANTIZED
-        if mult is None:
-            raise ValueError("quantized output needs mult")
-    else:
-        raise TypeError(f"unsupported output dtype {out_dtype}")
-    run_packed(
-        buf,
-        row_off,
-        0,
-        taps,
-        int(a_zp) + shift,
-        packed,
-        mode=mode,
-        out=out.reshape(-1),
-        out_row_off=_strided_offsets(m, n),
-        out_col_stride=1,
-        bias=bias,
-        mult=None if mult is None else np.ascontiguousarray(mult, np.float32),
-        y_zp=int(y_zp),
-        q_range=_Q_RANGE.get(out_dtype, (0, 255)),
-        fscale=None if fscale is None else np.ascontiguousarray(fscale, np.float32),
-        fbias=None if fbias is None else np.ascontiguousarray(fbias, np.float32),
-        use_vnni=use_vnni,
-        a_step=4 * MAX_ROWS,
-        rowsum=rowsum,
-    )
+    buf, _, rowsum, shift = pack_rows(a, packed.has_zero_point)
+    kp = round_up(max(packed.k, 1), 4)
+    launch = _gemm_launch(packed, g, m, kp, int(a_zp) + shift, out_dtype, bias, mult,
+                          int(y_zp), fscale, fbias, use_vnni, memo)
+    out = np.empty((g, m, n) if a.ndim == 3 else (m, n), out_dtype)
+    launch.run(buf, out.reshape(-1), rowsum)
+    return out
+
+
+#: Launch templates of activation x activation products, by shape and parameters.
+_ACT_LAUNCHES: dict = {}
+
+
+def gemm_batched(
+    a: np.ndarray,
+    a_zp: int,
+    b: np.ndarray,
+    b_zp: int,
+    *,
+    out_dtype: type = np.int32,
+    mult: np.ndarray | None = None,
+    y_zp: int = 0,
+    fscale: np.ndarray | None = None,
+    fbias: np.ndarray | None = None,
+    use_vnni: bool | None = None,
+) -> np.ndarray:
+    """(A - a_zp)(B - b_zp) for A [G, M, K] and B [G, K, N] both activations (attention).
+
+    B is packed per call in one numba pass (column terms included), A in another, and
+    one driver call runs every batch entry: three numba launches, whatever G is. The
+    launch parameters are memoized per shape.
+    """
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f"gemm_batched: shapes {a.shape} x {b.shape} do not match")
+    if a.dtype not in ACT_SHIFT:
+        raise TypeError(f"activations must be uint8 or int8, got {a.dtype}")
+    g, m, k = a.shape
+    n = b.shape[2]
+    out_dtype = np.dtype(out_dtype)
+    azp = int(a_zp) + ACT_SHIFT[a.dtype]
+    packed, col_term = pack_batched(b, b_zp, azp)
+    buf, _, rowsum, _ = pack_rows(a, packed.has_zero_point)
+    kp = round_up(max(k, 1), 4)
+    key = (g, m, k, n, azp, int(packed.zero_point[0]) if packed.zero_point.size else 0,
+           out_dtype.str, int(y_zp), use_vnni, config.kernel_choice(),
+           _bytes_key(mult), _bytes_key(fscale), _bytes_key(fbias))
+    launch = _ACT_LAUNCHES.get(key)
+    if launch is None:
+        launch = _gemm_launch(packed, g, m, kp, azp, out_dtype, None, mult, int(y_zp),
+                              fscale, fbias, use_vnni, memo=False)
+        if len(_ACT_LAUNCHES) > 256:
+            _ACT_LAUNCHES.clear()
+        _ACT_LAUNCHES[key] = launch
+    out = np.empty((g, m, n), out_dtype)
+    launch.run_with(buf, out.reshape(-1), rowsum, packed, col_term)
     return out

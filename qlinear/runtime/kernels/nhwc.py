@@ -1,23 +1,35 @@
-"""Channels-last (NHWC) int8 convolution and max pooling.
+"""Channels-last (NHWC) int8 convolution and max pooling: the path optimized CNN graphs run.
 
 Why a separate entry point: in NHWC the channels are the innermost, contiguous dim,
 so the implicit-GEMM convolution reads its rows straight from the input (no
 NCHW -> channels-last copy; with uint8 input, no padding and channels a multiple of
-4 it reads the input itself) and writes its output rows contiguously. The general
-path reuses the shared GEMM driver (`gemm.run_packed`) and weight packing
-(`conv.pack_conv_weights`); depthwise and max pooling have their own loops here,
-vectorized over channels. Requantization is `requant.requantize_value`, the one
-every quantized op uses, so results are bit-exact with the NCHW kernels.
+4 it reads the input itself) and writes its output rows contiguously. Everything
+shape-dependent (offsets, column terms, the driver's arguments: `gemm.PackedLaunch`)
+is planned once per input shape; padding copies the interior into a reused per-thread
+buffer whose border (the input zero point) was written once. Depthwise convolution
+with one channel per group runs the row kernels of `conv` over that buffer (stride 1:
+one vectorized multiply-add per tap over a whole output row); channel multipliers > 1
+keep a bounds-checked loop here. Requantization is the shared `requant` arithmetic, so
+results are bit-exact with the NCHW kernels and ORT.
 """
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numba import njit
 
+from qlinear.runtime.kernels import config
 from qlinear.runtime.kernels.config import JIT
-from qlinear.runtime.kernels.conv import PackedConv, output_spatial
-from qlinear.runtime.kernels.gemm import ACT_SHIFT, run_packed
+from qlinear.runtime.kernels.conv import (
+    BYTE_WORK,
+    PackedConv,
+    _depthwise_rows,
+    _depthwise_s1,
+    output_spatial,
+)
+from qlinear.runtime.kernels.gemm import ACT_SHIFT, PackedLaunch
 from qlinear.runtime.kernels.parallel import claim, finish, run_tasks
 from qlinear.runtime.kernels.requant import (
     OUT_FLOAT,
@@ -40,26 +52,259 @@ def depthwise_weights(w: np.ndarray, w_zp: np.ndarray, groups: int) -> np.ndarra
     return np.ascontiguousarray(centered.T)
 
 
-def _padded_nhwc(x8: np.ndarray, groups: int, cgp: int, begin, end, fill: int) -> np.ndarray:
-    """uint8 [B, H, W, C] -> [B, Hp, Wp, G, cgp]: spatial pads hold `fill`, channel pads 0."""
-    b, h, w, c = x8.shape
-    cg = c // groups
-    buf = np.empty((b, h + begin[0] + end[0], w + begin[1] + end[1], groups, cgp), np.uint8)
-    if any(begin) or any(end):
-        buf[..., :cg] = fill
-    if cgp > cg:
-        buf[..., cg:] = 0
-    buf[:, begin[0] : begin[0] + h, begin[1] : begin[1] + w, :, :cg] = x8.reshape(
-        b, h, w, groups, cg
-    )
-    return buf
-
-
 def _offsets(counts, steps) -> np.ndarray:
     off = np.zeros(1, np.int64)
     for n, s in zip(counts, steps, strict=True):
         off = (off[:, None] + np.arange(n, dtype=np.int64)[None, :] * s).reshape(-1)
     return off
+
+
+_U = np.uint64  # unsigned indices: numba then skips negative-index fix-ups and vectorizes
+
+
+@njit(**JIT)
+def _copy_into_padded(counters, x, flip, out, pt, pl, groups, cg, cgp):
+    """out[b, pt+i, pl+j, g*cgp + c] = x[b, i, j, g*cg + c] ^ flip, one input row per task.
+
+    Only the interior is written: the spatial border (input zero point) and channel
+    padding (0) of the reused buffer were filled once when it was created.
+    """
+    nb, h, w, c = x.shape
+    _, hp, wp, cpix = out.shape
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    ntasks = nb * h
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        bi = task // h
+        ih = task - bi * h
+        src = _U((bi * h + ih) * w) * _U(c)
+        dst = (_U((bi * hp + ih + pt) * wp + pl)) * _U(cpix)
+        if cpix == c:
+            for i in range(_U(w * c)):
+                of[dst + i] = xf[src + i] ^ flip
+        else:
+            # channel-outer: one long strided loop per channel instead of a few-byte
+            # loop per pixel (3-channel images: the per-pixel loop cost 4x more)
+            for gg in range(groups):
+                for cc in range(cg):
+                    d = dst + _U(gg * cgp + cc)
+                    sidx = src + _U(gg * cg + cc)
+                    for j in range(_U(w)):
+                        of[d + j * _U(cpix)] = xf[sidx + j * _U(c)] ^ flip
+        finish(counters)
+
+
+class _ConvPlan:
+    """Everything about one (input shape, parameters) of a convolution except the data:
+    output shape, driver launch or depthwise arguments, and the padded-buffer layout.
+
+    Padded buffers are reused per thread: their border (the input zero point) and
+    channel padding are written once, each call only copies the interior.
+    """
+
+    def __init__(self) -> None:
+        self.osp: tuple[int, int] = (0, 0)
+        self.kind = "gemm"
+        self.launch = None
+        self.dw_args: tuple = ()
+        self.dw_tail: tuple = ()
+        self.mode = OUT_INT32
+        self.ntasks = 0
+        self.work = 0
+        self.buf_shape: tuple[int, ...] | None = None  # None: read x as it is
+        self.fill: np.ndarray | None = None  # one padded pixel: zp on channels, 0 on pads
+        self.pads = (0, 0)
+        self.groups = 1
+        self.cg = 0
+        self.cgp = 0
+        self.flip = np.uint8(0)
+        self.buffers: dict[int, np.ndarray] = {}
+
+    def buffer(self, x8: np.ndarray) -> np.ndarray:
+        """x8 (uint8 NHWC) as the buffer the kernel reads: x8 itself, or a padded copy."""
+        if self.buf_shape is None:
+            return x8
+        tid = threading.get_ident()
+        buf = self.buffers.get(tid)
+        if buf is None:
+            buf = np.empty(self.buf_shape, np.uint8)
+            buf.reshape(-1, self.fill.size)[:] = self.fill
+            if len(self.buffers) > 8:
+                self.buffers.clear()
+            self.buffers[tid] = buf
+        b, h, w, _ = x8.shape
+        run_tasks(
+            _copy_into_padded,
+            b * h,
+            x8.size * BYTE_WORK,
+            x8,
+            self.flip,
+            buf,
+            np.int64(self.pads[0]),
+            np.int64(self.pads[1]),
+            np.int64(self.groups),
+            np.int64(self.cg),
+            np.int64(self.cgp),
+        )
+        return buf
+
+
+def _plan(
+    x: np.ndarray,
+    x_zp: int,
+    packed: PackedConv,
+    strides: tuple[int, int],
+    dilations: tuple[int, int],
+    begin: tuple[int, int],
+    end: tuple[int, int],
+    out_dtype: np.dtype,
+    bias: np.ndarray | None,
+    mult: np.ndarray | None,
+    y_zp: int,
+    dw_weights: np.ndarray | None,
+) -> _ConvPlan:
+    b, h, w, _ = x.shape
+    osp = output_spatial((h, w), packed.kernel, strides, dilations, begin, end)
+    if min(osp) <= 0:
+        raise ValueError(f"convolution output would be empty: {osp}")
+    mode = _MODES.get(out_dtype, OUT_QUANTIZED)
+    if mode == OUT_FLOAT:
+        raise ValueError("float output is not supported by the NHWC int8 convolution")
+    c_out = packed.c_out
+    info = np.iinfo(out_dtype) if mode == OUT_QUANTIZED else np.iinfo(np.uint8)
+    shift = ACT_SHIFT[x.dtype]
+    zp_u8 = int(x_zp) + shift
+    col = (
+        np.zeros(c_out, np.int32)
+        if bias is None
+        else np.ascontiguousarray(np.broadcast_to(np.asarray(bias, np.int32).reshape(-1), (c_out,)))
+    )
+    mult32 = (
+        np.zeros(c_out, np.float32)
+        if mult is None
+        else np.ascontiguousarray(
+            np.broadcast_to(np.asarray(mult, np.float32).reshape(-1), (c_out,))
+        )
+    )
+    plan = _ConvPlan()
+    plan.osp = osp
+    plan.flip = np.uint8(0x80 if shift else 0)
+    plan.pads = (begin[0], begin[1])
+    padded = any(begin) or any(end)
+    hp, wp = h + begin[0] + end[0], w + begin[1] + end[1]
+    fast_dw = (
+        dw_weights is not None
+        and packed.centered is not None
+        and packed.c_out == packed.groups
+        and packed.c_in == packed.groups
+    )
+    if fast_dw:
+        # depthwise over a padded buffer: every tap in range, 3x3 taps held in registers
+        wt = packed.centered
+        plan.kind = "dw"
+        plan.groups, plan.cg, plan.cgp = 1, c_out, c_out
+        if padded or shift:
+            plan.buf_shape = (b, hp, wp, c_out)
+            plan.fill = np.full(c_out, zp_u8, np.uint8)
+        dcol = (col.astype(np.int64) - zp_u8 * wt.astype(np.int64).sum(axis=0)).astype(np.int32)
+        plan.ntasks = b * osp[0]
+        plan.work = b * c_out * osp[0] * osp[1] * wt.shape[0] * 16
+        plan.dw_args = (
+            wt,
+            np.int64(packed.kernel[0]),
+            np.int64(packed.kernel[1]),
+            np.int64(strides[0]),
+            np.int64(strides[1]),
+            np.int64(dilations[0]),
+            np.int64(dilations[1]),
+            np.int64(osp[0]),
+            np.int64(osp[1]),
+            dcol,
+            np.int64(mode),
+        )
+        plan.dw_tail = (
+            mult32,
+            np.int64(y_zp),
+            np.int64(info.min),
+            np.int64(info.max),
+        )
+        plan.mode = mode
+        if strides[1] == 1:
+            plan.kind = "dw_s1"
+            plan.dw_args = (
+                np.ascontiguousarray(np.tile(wt, (1, osp[1]))),
+                np.int64(packed.kernel[0]),
+                np.int64(packed.kernel[1]),
+                np.int64(strides[0]),
+                np.int64(dilations[0]),
+                np.int64(dilations[1]),
+                np.int64(osp[0]),
+                np.int64(osp[1]),
+                np.tile(dcol, osp[1]),
+                np.int64(mode),
+            )
+            plan.dw_tail = (np.tile(mult32, osp[1]), *plan.dw_tail[1:])
+        return plan
+    if dw_weights is not None:
+        plan.kind = "dw_loop"  # channel multiplier > 1: the bounds-checked loop
+        plan.ntasks = b * osp[0]
+        plan.work = b * osp[0] * osp[1] * dw_weights.size
+        plan.dw_args = (
+            np.int32(x_zp),
+            dw_weights,
+            np.int64(packed.kernel[0]),
+            np.int64(packed.kernel[1]),
+            np.int64(strides[0]),
+            np.int64(strides[1]),
+            np.int64(dilations[0]),
+            np.int64(dilations[1]),
+            np.int64(begin[0]),
+            np.int64(begin[1]),
+            col,
+            np.int64(mode),
+        )
+        plan.dw_tail = (mult32, np.int64(y_zp), np.int64(info.min), np.int64(info.max))
+        plan.mode = mode
+        return plan
+    pw = packed.gemm
+    if pw is None:
+        raise ValueError("depthwise convolution needs its depthwise_weights")
+    cgp = pw.c4 * 4
+    groups = packed.groups
+    cg = packed.c_in // groups
+    plan.groups, plan.cg, plan.cgp = groups, cg, cgp
+    if padded or cgp != cg or shift:
+        plan.buf_shape = (b, hp, wp, groups * cgp)
+        fill = np.zeros((groups, cgp), np.uint8)
+        fill[:, :cg] = zp_u8
+        plan.fill = fill.reshape(-1)
+    else:
+        hp, wp = h, w
+    pix_bytes = groups * cgp
+    steps = (wp * pix_bytes, pix_bytes)
+    taps = _offsets(packed.kernel, [d * s for d, s in zip(dilations, steps, strict=True)])
+    row_off = (
+        np.arange(b, dtype=np.int64)[:, None] * (hp * wp * pix_bytes)
+        + _offsets(osp, [st * s for st, s in zip(strides, steps, strict=True)])[None, :]
+    ).reshape(-1)
+    plan.launch = PackedLaunch(
+        row_off,
+        cgp,
+        taps,
+        zp_u8,
+        pw,
+        mode=mode,
+        out_row_off=np.arange(row_off.shape[0], dtype=np.int64) * c_out,
+        out_col_stride=1,
+        bias=bias,
+        mult=None if mult is None else mult32,
+        y_zp=int(y_zp),
+        q_range=(int(info.min), int(info.max)),
+    )
+    return plan
 
 
 def conv_nhwc(
@@ -82,103 +327,63 @@ def conv_nhwc(
     out_dtype int32 (ConvInteger) or uint8/int8 (requantized with `mult`, `y_zp`);
     `bias` is int32 per output channel, added to the accumulator. Depthwise weights
     (`depthwise_weights`) select the depthwise loop; otherwise `packed.gemm` is used.
+    Everything that depends only on shapes and parameters is planned once per input
+    shape (memoized on `packed`), so a call is one copy (only when padding is needed)
+    and one numba launch.
     """
     if x.dtype not in ACT_SHIFT:
         raise TypeError(f"conv input must be uint8 or int8, got {x.dtype}")
     if x.ndim != 4 or x.shape[3] != packed.c_in:
         raise ValueError(f"NHWC input {x.shape} does not match weights (C_in={packed.c_in})")
-    b, h, w, _ = x.shape
-    osp = output_spatial((h, w), packed.kernel, strides, dilations, begin, end)
-    if min(osp) <= 0:
-        raise ValueError(f"convolution output would be empty: {osp}")
     out_dtype = np.dtype(out_dtype)
-    mode = _MODES.get(out_dtype, OUT_QUANTIZED)
-    if mode == OUT_FLOAT:
-        raise ValueError("float output is not supported by the NHWC int8 convolution")
-    c_out = packed.c_out
-    out = np.empty((b, *osp, c_out), out_dtype)
-    info = np.iinfo(out_dtype) if mode == OUT_QUANTIZED else np.iinfo(np.uint8)
-    col = (
-        np.zeros(c_out, np.int32)
-        if bias is None
-        else np.ascontiguousarray(np.broadcast_to(np.asarray(bias, np.int32).reshape(-1), (c_out,)))
-    )
-    mult32 = (
-        np.zeros(c_out, np.float32)
-        if mult is None
-        else np.ascontiguousarray(
-            np.broadcast_to(np.asarray(mult, np.float32).reshape(-1), (c_out,))
-        )
-    )
-    if dw_weights is not None:
-        xc = np.ascontiguousarray(x)
+    key = (x.shape, x.dtype.str, strides, dilations, begin, end, out_dtype.str, int(x_zp),
+           int(y_zp), dw_weights is not None, config.kernel_choice(),
+           None if bias is None else np.asarray(bias).tobytes(),
+           None if mult is None else np.asarray(mult).tobytes())
+    plan = packed.memo.get(key)
+    if plan is None:
+        plan = _plan(x, x_zp, packed, strides, dilations, begin, end, out_dtype, bias, mult,
+                     y_zp, dw_weights)
+        if len(packed.memo) > 32:
+            packed.memo.clear()
+        packed.memo[key] = plan
+    b = x.shape[0]
+    out = np.empty((b, *plan.osp, packed.c_out), out_dtype)
+    xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    if plan.kind == "gemm":
+        buf = plan.buffer(xc.view(np.uint8))
+        plan.launch.run(buf.reshape(-1), out.reshape(-1))
+        return out
+    if plan.kind in ("dw", "dw_s1"):
+        buf = plan.buffer(xc.view(np.uint8))
+        flat = out.reshape(-1)
         run_tasks(
-            _depthwise_nhwc,
-            b * osp[0],
-            b * osp[0] * osp[1] * dw_weights.size,
-            xc,
-            np.int32(x_zp),
-            dw_weights,
-            np.int64(packed.kernel[0]),
-            np.int64(packed.kernel[1]),
-            np.int64(strides[0]),
-            np.int64(strides[1]),
-            np.int64(dilations[0]),
-            np.int64(dilations[1]),
-            np.int64(begin[0]),
-            np.int64(begin[1]),
-            col,
-            np.int64(mode),
-            out.reshape(b, osp[0], osp[1], c_out) if mode == OUT_INT32 else _EMPTY4_I32,
-            out.view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY4_U8,
-            mult32,
-            np.int64(y_zp),
-            np.int64(info.min),
-            np.int64(info.max),
+            _depthwise_s1 if plan.kind == "dw_s1" else _depthwise_rows,
+            plan.ntasks,
+            plan.work,
+            buf,
+            *plan.dw_args,
+            flat if plan.mode == OUT_INT32 else _EMPTY_I32,
+            flat.view(np.uint8) if plan.mode == OUT_QUANTIZED else _EMPTY_U8,
+            *plan.dw_tail,
         )
         return out
-    pw = packed.gemm
-    if pw is None:
-        raise ValueError("depthwise convolution needs its depthwise_weights")
-    cgp = pw.c4 * 4
-    groups = packed.groups
-    cg = packed.c_in // groups
-    shift = ACT_SHIFT[x.dtype]
-    x8 = np.ascontiguousarray(x).view(np.uint8)
-    if shift:
-        x8 = x8 ^ np.uint8(0x80)
-    if any(begin) or any(end) or cgp != cg:
-        buf = _padded_nhwc(x8, groups, cgp, begin, end, int(x_zp) + shift)
-    else:
-        buf = x8  # already the channels-last buffer the driver reads
-    hp, wp = h + begin[0] + end[0], w + begin[1] + end[1]
-    pix_bytes = groups * cgp
-    steps = (wp * pix_bytes, pix_bytes)
-    taps = _offsets(packed.kernel, [d * s for d, s in zip(dilations, steps, strict=True)])
-    row_off = (
-        np.arange(b, dtype=np.int64)[:, None] * (hp * wp * pix_bytes)
-        + _offsets(osp, [st * s for st, s in zip(strides, steps, strict=True)])[None, :]
-    ).reshape(-1)
-    out_row_off = np.arange(row_off.shape[0], dtype=np.int64) * c_out
-    run_packed(
-        buf.reshape(-1),
-        row_off,
-        cgp,
-        taps,
-        int(x_zp) + shift,
-        pw,
-        mode=mode,
-        out=out.reshape(-1),
-        out_row_off=out_row_off,
-        out_col_stride=1,
-        bias=bias,
-        mult=None if mult is None else mult32,
-        y_zp=int(y_zp),
-        q_range=(int(info.min), int(info.max)),
+    mode = plan.mode
+    run_tasks(
+        _depthwise_nhwc,
+        plan.ntasks,
+        plan.work,
+        xc,
+        *plan.dw_args,
+        out if mode == OUT_INT32 else _EMPTY4_I32,
+        out.view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY4_U8,
+        *plan.dw_tail,
     )
     return out
 
 
+_EMPTY_I32 = np.zeros(0, np.int32)
+_EMPTY_U8 = np.zeros(0, np.uint8)
 _EMPTY4_I32 = np.zeros((0, 0, 0, 0), np.int32)
 _EMPTY4_U8 = np.zeros((0, 0, 0, 0), np.uint8)
 

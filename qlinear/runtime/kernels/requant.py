@@ -61,3 +61,15 @@ def requantize_array(acc, mult, y_zp, qmin, qmax, out):
     for m in range(acc.shape[0]):
         for n in range(acc.shape[1]):
             out[m, n] = requantize_value(acc[m, n], mult[n], zp, lo, hi)
+
+
+@njit(inline="always", **JIT)
+def requantize_byte(acc, mult, zp_f, lo, hi):
+    """`requantize_value` as the output byte (uint8 bits; int8 outputs view them), with
+    the zero point `zp_f` (float32) added before the conversion: r + zp is exact in
+    float32 (|r + zp| <= 255), so this equals requantize_value, while every step stays
+    32 bits wide (numba widens int32 + int32 to int64, which halves the vector width).
+    """
+    v = min(max(np.float32(acc) * mult, lo), hi)
+    r = ((v + ROUNDING_MAGIC) - ROUNDING_MAGIC) + zp_f
+    return np.uint8(np.int32(r))

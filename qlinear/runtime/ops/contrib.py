@@ -15,6 +15,7 @@ import numpy as np
 from qlinear.runtime.kernels.gemm import gemm, pack_matrix
 from qlinear.runtime.kernels.requant import float_scale
 from qlinear.runtime.ops.quantized import (
+    BatchedB,
     _matmul_batched,
     _zp_known,
     column_vector,
@@ -37,6 +38,7 @@ def _int8_to_float_matmul(spec: NodeSpec, b_index: int, b_zp_index: int):
         if pack_2d
         else None
     )
+    batched = BatchedB(b_const, spec.const(b_zp_index), _zp_known(spec, b_zp_index))
 
     def run(
         a_q: np.ndarray,
@@ -55,9 +57,16 @@ def _int8_to_float_matmul(spec: NodeSpec, b_index: int, b_zp_index: int):
                 if b2 is None
                 else pack_matrix(b2, column_vector(b_zp, b2.shape[1], "b_zero_point", np.int32))
             )
-            return gemm(a2, a_zp, p, out_dtype=np.float32, fscale=scale, fbias=fbias)
+            return gemm(a2, a_zp, p, out_dtype=np.float32, fscale=scale, fbias=fbias,
+                        memo=b2 is None)
 
-        return _matmul_batched(a_q, b, run_2d, packed)
+        def run_3d(a3: np.ndarray, b3: np.ndarray) -> np.ndarray:
+            return batched.run(a3, a_zp, b3, b_zp, out_dtype=np.float32, fscale=scale,
+                               fbias=fbias)
+
+        return _matmul_batched(
+            a_q, b, run_2d, packed, run_3d if BatchedB.usable(b, b_zp) else None
+        )
 
     return run
 

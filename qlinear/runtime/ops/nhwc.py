@@ -19,7 +19,12 @@ import numpy as np
 from qlinear.runtime.kernels.conv import conv, pack_conv_weights, resolve_pads
 from qlinear.runtime.kernels.nhwc import conv_nhwc, depthwise_weights, max_pool_nhwc
 from qlinear.runtime.kernels.requant import output_multiplier
-from qlinear.runtime.ops.quantized import ConvAttributes, column_vector, scalar_zero_point
+from qlinear.runtime.ops.quantized import (
+    ConvAttributes,
+    _const_multiplier,
+    column_vector,
+    scalar_zero_point,
+)
 from qlinear.runtime.registry import MS_DOMAIN, Kernel, NodeSpec, register
 
 #: Domain of qlinear's own operators (no ORT implementation).
@@ -64,6 +69,13 @@ def _ms_qlinear_conv(spec: NodeSpec) -> Kernel:
     """Requantized convolution, NHWC when channels_last=1 (else ONNX QLinearConv's NCHW)."""
     weights = _PackedConv(spec, 3, 5)
     channels_last = bool(spec.attr("channels_last", 0))
+    w_const = spec.const(3)
+    n_out = None if w_const is None else w_const.shape[0]
+    # plan-time constants: multipliers and bias are the same for every call
+    mult_const = _const_multiplier(spec, 1, 4, 6, n_out)
+    bias_const = spec.const(8) if spec.has_input(8) else None
+    b32_const = (None if bias_const is None or n_out is None
+                 else column_vector(bias_const, n_out, "B", np.int32))
 
     def run(x: np.ndarray, x_scale: np.ndarray, x_zp: np.ndarray, w: np.ndarray,
             w_scale: np.ndarray, w_zp: np.ndarray, y_scale: np.ndarray, y_zp: np.ndarray,
@@ -72,9 +84,14 @@ def _ms_qlinear_conv(spec: NodeSpec) -> Kernel:
             raise TypeError(f"x must be uint8 or int8, got {x.dtype}")
         packed, dw = weights.get(w, w_zp)
         c_out = packed.c_out
-        mult = output_multiplier(x_scale, column_vector(w_scale, c_out, "w_scale", np.float32),
-                                 y_scale, c_out)
-        b32 = None if bias is None else column_vector(bias, c_out, "B", np.int32)
+        mult = mult_const if mult_const is not None else output_multiplier(
+            x_scale, column_vector(w_scale, c_out, "w_scale", np.float32), y_scale, c_out)
+        if bias is None:
+            b32 = None
+        elif b32_const is not None:
+            b32 = b32_const
+        else:
+            b32 = column_vector(bias, c_out, "B", np.int32)
         out_dtype = np.asarray(y_zp).dtype
         if not channels_last:
             strides, dilations, begin, end = weights.attrs.resolve(x.shape, w.shape)

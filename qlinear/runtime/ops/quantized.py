@@ -15,7 +15,13 @@ from collections.abc import Callable
 import numpy as np
 
 from qlinear.runtime.kernels.conv import PackedConv, conv, pack_conv_weights, resolve_pads
-from qlinear.runtime.kernels.gemm import PackedWeights, gemm, pack_matrix
+from qlinear.runtime.kernels.gemm import (
+    PackedWeights,
+    gemm,
+    gemm_batched,
+    pack_matrix,
+    pack_weights,
+)
 from qlinear.runtime.kernels.requant import output_multiplier
 from qlinear.runtime.registry import Kernel, NodeSpec, register
 
@@ -91,10 +97,13 @@ def _matmul_batched(
     b: np.ndarray,
     run_2d: Callable[[np.ndarray, np.ndarray | None], np.ndarray],
     packed_2d: PackedWeights | None,
+    run_3d: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """numpy.matmul semantics (1-D promotion, batch broadcasting) over a 2-D int kernel.
 
     run_2d(A2 [M, K], b2 [K, N] or None when packed_2d is used) -> [M, N].
+    run_3d(A3 [G, M, K], B3 [G, K, N]) -> [G, M, N], when given, runs batched B in one
+    call instead of one packing + GEMM per batch entry.
     """
     a_vec = a.ndim == 1
     b_vec = b.ndim == 1
@@ -105,6 +114,13 @@ def _matmul_batched(
         m, k = a2.shape[-2:]
         out = run_2d(a2.reshape(-1, k), None if packed_2d is not None else b2)
         out = out.reshape(*lead, m, out.shape[-1])
+    elif run_3d is not None:
+        # all batch entries in one driver call (attention: tasks over heads x panels)
+        batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+        g = int(np.prod(batch))
+        a3 = np.broadcast_to(a2, (*batch, *a2.shape[-2:])).reshape(g, *a2.shape[-2:])
+        b3 = np.broadcast_to(b2, (*batch, *b2.shape[-2:])).reshape(g, *b2.shape[-2:])
+        out = run_3d(a3, b3).reshape(*batch, a2.shape[-2], b2.shape[-1])
     else:
         batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
         ab = np.broadcast_to(a2, (*batch, *a2.shape[-2:]))
@@ -119,6 +135,38 @@ def _matmul_batched(
     if a_vec:
         out = out[..., 0, :] if not b_vec else out[..., 0]
     return out
+
+
+class BatchedB:
+    """B with batch dims ([..., K, N]): packed once when constant (with a per-tensor zero
+    point), else per call in one numba pass; either way all batch entries run in one
+    driver call. Per-column B zero points with batch dims take the per-entry loop."""
+
+    def __init__(self, b_const: np.ndarray | None, zp_const: np.ndarray | None, zp_known: bool):
+        self.packed: PackedWeights | None = None
+        if (
+            b_const is not None
+            and b_const.ndim >= 3
+            and b_const.dtype in _INT8_TYPES
+            and zp_known
+            and (zp_const is None or np.asarray(zp_const).size == 1)
+        ):
+            k, n = b_const.shape[-2:]
+            zp = scalar_zero_point(zp_const, "b_zero_point")
+            self.packed = pack_weights(np.ascontiguousarray(b_const.reshape(-1, 1, k, n)), zp)
+
+    @staticmethod
+    def usable(b: np.ndarray, b_zp: np.ndarray | None) -> bool:
+        """Whether the batched path applies (B has batch dims, zero point per tensor)."""
+        return b.ndim >= 3 and (b_zp is None or np.asarray(b_zp).size == 1)
+
+    def run(self, a3: np.ndarray, a_zp: int, b3: np.ndarray, b_zp: np.ndarray | None,
+            **kw: object) -> np.ndarray:
+        """gemm of a3 [G, M, K] and b3 [G, K, N] with the session packing or per call."""
+        p = self.packed
+        if p is not None and p.groups == b3.shape[0]:
+            return gemm(a3, a_zp, p, **kw)
+        return gemm_batched(a3, a_zp, b3, scalar_zero_point(b_zp, "b_zero_point"), **kw)
 
 
 def _per_row_zero_point(a_zp: np.ndarray | None) -> bool:
@@ -145,6 +193,7 @@ def _matmul_integer(spec: NodeSpec) -> Kernel:
         if pack_2d
         else None
     )
+    batched = BatchedB(b_const, spec.const(3), _zp_known(spec, 3))
 
     def run(
         a: np.ndarray, b: np.ndarray, a_zp: np.ndarray | None = None, b_zp: np.ndarray | None = None
@@ -161,9 +210,14 @@ def _matmul_integer(spec: NodeSpec) -> Kernel:
                 if b2 is None
                 else pack_matrix(b2, column_vector(b_zp, b2.shape[1], "b_zero_point", np.int32))
             )
-            return gemm(a2, azp, p, out_dtype=np.int32)
+            return gemm(a2, azp, p, out_dtype=np.int32, memo=b2 is None)
 
-        return _matmul_batched(a, b, run_2d, packed)
+        def run_3d(a3: np.ndarray, b3: np.ndarray) -> np.ndarray:
+            return batched.run(a3, azp, b3, b_zp, out_dtype=np.int32)
+
+        return _matmul_batched(
+            a, b, run_2d, packed, run_3d if BatchedB.usable(b, b_zp) else None
+        )
 
     return run
 
@@ -182,6 +236,7 @@ def _qlinear_matmul(spec: NodeSpec) -> Kernel:
     )
 
     mult_const = _const_multiplier(spec, 1, 4, 6, None if b_const is None else b_const.shape[-1])
+    batched = BatchedB(b_const, spec.const(5), _zp_known(spec, 5))
 
     def run(
         a: np.ndarray,
@@ -213,9 +268,14 @@ def _qlinear_matmul(spec: NodeSpec) -> Kernel:
                 if b2 is None
                 else pack_matrix(b2, column_vector(b_zp, b2.shape[1], "b_zero_point", np.int32))
             )
-            return gemm(a2, azp, p, out_dtype=out_dtype, mult=mult, y_zp=yzp)
+            return gemm(a2, azp, p, out_dtype=out_dtype, mult=mult, y_zp=yzp, memo=b2 is None)
 
-        return _matmul_batched(a, b, run_2d, packed)
+        def run_3d(a3: np.ndarray, b3: np.ndarray) -> np.ndarray:
+            return batched.run(a3, azp, b3, b_zp, out_dtype=out_dtype, mult=mult, y_zp=yzp)
+
+        return _matmul_batched(
+            a, b, run_2d, packed, run_3d if BatchedB.usable(b, b_zp) else None
+        )
 
     return run
 
