@@ -27,6 +27,7 @@ from qlinear.runtime.kernels.conv import (
     PackedConv,
     _depthwise_rows,
     _depthwise_s1,
+    _offsets,
     output_spatial,
 )
 from qlinear.runtime.kernels.gemm import ACT_SHIFT, PackedLaunch
@@ -50,13 +51,6 @@ def depthwise_weights(w: np.ndarray, w_zp: np.ndarray, groups: int) -> np.ndarra
     zp = np.broadcast_to(np.asarray(w_zp, np.int32).reshape(-1), (c_out,))
     centered = w.reshape(c_out, -1).astype(np.int32) - zp[:, None]
     return np.ascontiguousarray(centered.T)
-
-
-def _offsets(counts, steps) -> np.ndarray:
-    off = np.zeros(1, np.int64)
-    for n, s in zip(counts, steps, strict=True):
-        off = (off[:, None] + np.arange(n, dtype=np.int64)[None, :] * s).reshape(-1)
-    return off
 
 
 _U = np.uint64  # unsigned indices: numba then skips negative-index fix-ups and vectorizes
