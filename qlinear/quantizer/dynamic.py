@@ -87,9 +87,9 @@ def quantize_dynamic(
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(em.new_inits)
-    from qlinear.quantizer.static import _drop_unused
+    from qlinear.quantizer.prepare import remove_unused_initializers
 
-    _drop_unused(out.graph)
+    remove_unused_initializers(out.graph)
     return out
 
 

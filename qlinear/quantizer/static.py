@@ -33,6 +33,7 @@ from qlinear.quant import (
     to_onnx,
 )
 from qlinear.quantizer.plan import GraphIndex, Plan, WeightSpec
+from qlinear.quantizer.prepare import remove_unused_initializers
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def emit_static(
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(em.new_inits)
-    _drop_unused(out.graph)
+    remove_unused_initializers(out.graph)
     return out
 
 
@@ -235,20 +236,6 @@ def _emit_const(
         )  # fmt: skip
     )
     return dq_name
-
-
-def _drop_unused(graph: onnx.GraphProto) -> None:
-    """Remove float weights that every consumer now reads quantized (and old-IR inputs)."""
-    used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
-    removed = {t.name for t in graph.initializer if t.name not in used}
-    if not removed:
-        return
-    keep = [t for t in graph.initializer if t.name not in removed]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    inputs = [i for i in graph.input if i.name not in removed]
-    del graph.input[:]
-    graph.input.extend(inputs)
 
 
 def _safe(name: str) -> str:
