@@ -16,7 +16,14 @@ import onnx
 from onnx import TensorProto, helper
 
 from qlinear.quantizer.plan import GraphIndex, Plan, linear_weight
-from qlinear.quantizer.static import Emitter, WeightOptions, _emit_const, _safe, weight_params
+from qlinear.quantizer.static import (
+    Emitter,
+    WeightOptions,
+    _emit_const,
+    _safe,
+    splice,
+    weight_params,
+)
 
 _DYNAMIC_OPS = ("MatMul", "Gemm", "Conv")
 
@@ -79,17 +86,7 @@ def quantize_dynamic(
                 node.input[i] = act_dq[name]
             elif (node.name, i) in plan.weight_uses and name in weight_dq:
                 node.input[i] = weight_dq[name]
-    nodes = list(inserted.get("", []))
-    for node in out.graph.node:
-        nodes.append(node)
-        for o in node.output:
-            nodes.extend(inserted.get(o, []))
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    out.graph.initializer.extend(em.new_inits)
-    from qlinear.quantizer.prepare import remove_unused_initializers
-
-    remove_unused_initializers(out.graph)
+    splice(out.graph, inserted, em.new_inits)
     return out
 
 

@@ -201,16 +201,26 @@ def emit_static(
             elif i == 2 and name in bias_dq and plan.biases[name][2] == node.name:
                 node.input[i] = bias_dq[name]
 
+    splice(out.graph, inserted, em.new_inits)
+    return out
+
+
+def splice(
+    graph: onnx.GraphProto,
+    inserted: dict[str, list[onnx.NodeProto]],
+    new_inits: list[onnx.TensorProto],
+) -> None:
+    """Place each inserted Q/DQ right after the producer of the value it reads (graph
+    inputs and initializers first), add the new initializers, drop the unused ones."""
     nodes: list[onnx.NodeProto] = list(inserted.get("", []))
-    for node in out.graph.node:
+    for node in graph.node:
         nodes.append(node)
         for o in node.output:
             nodes.extend(inserted.get(o, []))
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    out.graph.initializer.extend(em.new_inits)
-    remove_unused_initializers(out.graph)
-    return out
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    remove_unused_initializers(graph)
 
 
 def _emit_const(
