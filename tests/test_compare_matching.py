@@ -195,3 +195,21 @@ def test_fused_nodes_map_back_through_replaces():
     # the fused graph computes the same integers: every tensor agrees to rounding
     assert result.outputs[0].stats.sqnr_db > 40
     assert layers["h"].accumulated.sqnr_db > 40 and layers["y_f"].own.sqnr_db > 40
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_float_vs_fused_int8_model_never_pairs_tensors_of_another_layout(layout):
+    """An NHWC value can have an NCHW tensor's shape (C == H == W): the layout pass tags
+    its producers and compare leaves them out instead of reporting nonsense errors."""
+    import qlinear
+
+    model = zoo.build("resnet", "small")
+    calib = zoo.calibration_batches("resnet", model, n=4, batch=4)
+    fused = qlinear.optimize(qlinear.quantize(model, calib), layout=layout)
+    data = zoo.example_inputs("resnet", model, batch=8, seed=3)
+    result = compare(model, fused, data, batch_size=4)
+    assert result.outputs[0].stats.sqnr_db > 20
+    layers = [r for r in result.layers if r.match.how != "name" or r.match.key != "pixel_values"]
+    assert all(r.own.sqnr_db > 20 and r.accumulated.sqnr_db > 15 for r in layers)
+    if layout == "nchw":
+        assert len(layers) >= 10, "fused NCHW nodes map back through qlinear.replaces"

@@ -178,6 +178,9 @@ class _Rewriter:
             value.meta[LAYOUT_KEY] = fmt
             if fmt == NHWC:
                 value.shape = _permute_shape(self.shapes[value], TO_NHWC)
+                producer = value.producer()
+                if producer is not None:  # saved, so compare knows the value is channels-last
+                    producer.metadata_props[LAYOUT_KEY] = NHWC
         return self.changes
 
 

@@ -173,10 +173,8 @@ def compare(
     runner_a = Runner(proto_a, engine_a, [m.a.name for m in matches], threads)
     runner_b = Runner(proto_b, engine_b, [m.b.name for m in matches], threads)
     _check_same_inputs(runner_a, runner_b)
-    cut_runner, cut_feeds = None, {}
-    if matches:
-        cut, cut_feeds = isolate(proto_b, matches)
-        cut_runner = Runner(cut, engine_b, [m.b.name for m in matches], threads)
+    cut_runner: Runner | None = None
+    cut_feeds: dict[str, str] = {}
     outputs_a, outputs_b = runner_a.output_names, runner_b.output_names
     if len(outputs_a) != len(outputs_b):
         raise InputError(
@@ -205,8 +203,17 @@ def compare(
             result.shape = tuple(ref.shape)
             result.stats.update(ref, test, classifier=result.classifier)
         if layers:
-            assert cut_runner is not None
             float_values = {m.key: m.a.resolve(values_a[m.a.name]) for m in matches}
+            if cut_runner is None:
+                # Cut B only where A's value can stand in for B's: a value B holds in
+                # another layout (NHWC after the layout pass) has another shape.
+                fits = [
+                    m
+                    for m in matches
+                    if float_values[m.key].shape == m.b.resolve(values_b[m.b.name]).shape
+                ]
+                cut, cut_feeds = isolate(proto_b, fits)
+                cut_runner = Runner(cut, engine_b, [m.b.name for m in matches], threads)
             cut_in = dict(feeds)
             for feed, key in cut_feeds.items():
                 cut_in[feed] = np.asarray(float_values[key], dtype=np.float32)

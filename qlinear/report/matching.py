@@ -51,6 +51,8 @@ WEIGHT_INPUTS: dict[str, tuple[int, int, int]] = {
 }
 
 REPLACES_KEY = "qlinear.replaces"
+#: Set by the layout pass on nodes whose outputs are NHWC.
+LAYOUT_KEY = "qlinear.layout"
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -176,6 +178,8 @@ def build_view(model: onnx.ModelProto) -> GraphView:
     for node in order:
         if any(o in derived for o in node.output if o):
             continue
+        if _channels_last(node):
+            continue  # its values are NHWC copies of A's NCHW tensors: not comparable as is
         if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx"):
             source = node.input[0]
             dq = _dq_consumer(view, node.output[0])
@@ -215,6 +219,13 @@ def _dq_consumer(view: GraphView, value: str) -> onnx.NodeProto | None:
         if node.op_type == "DequantizeLinear":
             return node
     return None
+
+
+def _channels_last(node: onnx.NodeProto) -> bool:
+    """Tagged by the layout pass: the node's outputs are channels-last (NHWC)."""
+    return any(
+        p.key == LAYOUT_KEY and p.value.lower() in ("nhwc", "to_nhwc") for p in node.metadata_props
+    )
 
 
 def _replaces(node: onnx.NodeProto) -> list[str]:
