@@ -2,8 +2,9 @@
 
 Order matters: float folds first (BatchNorm, per-channel Mul) so the weights are final;
 then exact Q/DQ folds and integer data movement, so that node units are as large as
-possible; then the QLinear fusions (Conv/MatMul/Gemm before elementwise, int8->float
-last so it only sees products whose output is not quantized). The whole list runs to
+possible; then the QLinear fusions (Conv/MatMul/Gemm before elementwise, table lookups
+for the elementwise chains no QLinear op covers, int8->float last so it only sees
+products whose output is not quantized). The whole list runs to
 a fixed point, with dead nodes removed after every step; running it again on its
 own output changes nothing.
 """
@@ -22,6 +23,7 @@ from qlinear.passes.fold_scale import FoldScalePass
 from qlinear.passes.fuse_int8_float import FuseInt8FloatPass
 from qlinear.passes.fuse_qlinear import FuseQLinearPass
 from qlinear.passes.fuse_qlinear_elementwise import FuseQLinearElementwisePass
+from qlinear.passes.fuse_table_lookup import FuseTableLookupPass
 from qlinear.passes.layout import LayoutPass
 from qlinear.passes.qdq_fold import CancelDQQPass, IntegerDataMovementPass
 
@@ -43,6 +45,7 @@ def quantized_passes(log: ExplainLog | None = None) -> list[passes.PassBase]:
         IntegerDataMovementPass(log),
         FuseQLinearPass(log),
         FuseQLinearElementwisePass(log),
+        FuseTableLookupPass(log),
         FuseInt8FloatPass(log),
     ]
 
