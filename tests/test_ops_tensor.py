@@ -241,3 +241,28 @@ def test_constant_of_shape() -> None:
     fill = numpy_helper.from_array(np.array([7], dtype=np.int32))
     out = kernel("ConstantOfShape", ["s"], 20, value=fill)(np.array([], dtype=np.int64))
     assert out.dtype == np.int32 and out.shape == () and out == 7
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    shape=st.lists(st.integers(0, 5), min_size=0, max_size=3),
+    index_dtype=st.sampled_from([np.uint8, np.int8, np.int16, np.int32, np.int64]),
+    seed=st.integers(0, 2**16),
+)
+def test_gather_from_a_constant_table_equals_numpy_take(n, shape, index_dtype, seed) -> None:
+    rng = np.random.default_rng(seed)
+    table = rng.integers(-1000, 1000, n).astype(np.int32)
+    info = np.iinfo(index_dtype)
+    lo, hi = max(-n, int(info.min)), min(n - 1, int(info.max))
+    indices = rng.integers(lo, hi + 1, shape).astype(index_dtype)
+    run = kernel("Gather", ["t", "i"], 13, consts={0: table}, axis=0)
+    np.testing.assert_array_equal(run(table, indices), np.take(table, indices.astype(np.int64)))
+
+
+def test_gather_from_a_constant_table_names_an_index_out_of_range() -> None:
+    table = np.arange(10, dtype=np.float32)
+    run = kernel("Gather", ["t", "i"], 13, consts={0: table}, axis=0)
+    for bad in (10, -11):
+        with pytest.raises(IndexError, match=f"{bad}.*10 entries"):
+            run(table, np.array([0, bad, 1], np.int64))

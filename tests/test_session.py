@@ -183,3 +183,43 @@ def test_the_callers_model_is_not_modified() -> None:
     before = model.SerializeToString()
     qlinear.Session(model).run(None, {"x": np.ones((1, 3), np.float32)})
     assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_a_lookup_reads_its_small_integer_indices_without_the_cast(dtype) -> None:
+    table = np.random.default_rng(0).normal(size=256).astype(np.float32)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    model = _model(
+        [
+            helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT32),
+            helper.make_node("Gather", ["t", "i"], ["y"], axis=0),
+        ],
+        [helper.make_tensor_value_info("x", elem, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
+        [numpy_helper.from_array(table, "t")],
+    )
+    x = np.arange(-128, 128).astype(np.int64).astype(dtype).reshape(4, 64)
+    session = qlinear.Session(model, optimize=False)
+    assert [s.spec.op_type for s in session._steps] == ["Gather"]
+    (y,) = session.run(None, {"x": x})
+    np.testing.assert_array_equal(y, np.take(table, x.astype(np.int32)))
+
+
+def test_a_cast_that_is_also_read_elsewhere_stays() -> None:
+    table = np.arange(256, dtype=np.float32)
+    model = _model(
+        [
+            helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT32),
+            helper.make_node("Gather", ["t", "i"], ["y"], axis=0),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [8])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [8]),
+            helper.make_tensor_value_info("i", TensorProto.INT32, [8]),
+        ],
+        [numpy_helper.from_array(table, "t")],
+    )
+    x = np.arange(8, dtype=np.uint8) * 30
+    y, i = qlinear.Session(model, optimize=False).run(None, {"x": x})
+    np.testing.assert_array_equal(i, x.astype(np.int32))
+    np.testing.assert_array_equal(y, table[x])

@@ -66,16 +66,22 @@ class FuseTableLookupPass(RulePass):
         table = _table(graph, source, nodes, end, q)
         if table is None:
             return False
-        x = source.node.inputs[0]
-        index = new_node(graph, node, "Cast", [x], {"to": onnx.TensorProto.INT32}).outputs[0]
-        if source.dtype == np.int8:
-            offset = add_initializer(graph, np.array(128, np.int32), "lut_offset")
-            index = new_node(graph, node, "Add", [index, offset]).outputs[0]
-        values = add_initializer(graph, table, "lut")
-        gather = new_node(graph, node, "Gather", [values, index], {"axis": 0})
+        gather = emit_lookup(graph, node, source.node.inputs[0], source.dtype, table)
         record_replaces(gather, end.name)
         redirect_qs(graph, end, gather.outputs[0])
         return self.fired(node, "table lookup")
+
+
+def emit_lookup(
+    graph: ir.Graph, before: ir.Node, x: ir.Value, dtype: np.dtype, table: np.ndarray
+) -> ir.Node:
+    """x (8-bit) -> Cast(int32) [-> Add(128) for int8] -> Gather(table, axis=0); the Gather."""
+    index = new_node(graph, before, "Cast", [x], {"to": onnx.TensorProto.INT32}).outputs[0]
+    if np.dtype(dtype) == np.int8:
+        offset = add_initializer(graph, np.array(128, np.int32), "lut_offset")
+        index = new_node(graph, before, "Add", [index, offset]).outputs[0]
+    values = add_initializer(graph, table, "lut")
+    return new_node(graph, before, "Gather", [values, index], {"axis": 0})
 
 
 def _collect(end: ir.Value) -> tuple[QDQ, list[ir.Node]] | None:
@@ -147,12 +153,31 @@ def _table(
     graph: ir.Graph, source: QDQ, nodes: list[ir.Node], end: ir.Value, q: QDQ
 ) -> np.ndarray | None:
     """Q(f(DQ(x))) for every x of the source's dtype, in index order (int8: x + 128)."""
-    from qlinear.runtime.session import Session
-
     info = np.iinfo(source.dtype)
     codes = np.arange(info.min, info.max + 1).astype(source.dtype)
     floats = dequantize_affine(codes, source.params).astype(np.float32)
-    names: dict[int, str] = {id(v): "x" for v in _source_outputs(nodes, source)}
+    result = evaluate_unit(graph, nodes, _source_outputs(nodes, source), floats, end)
+    if result is None or result.shape != floats.shape or result.dtype != np.float32:
+        return None
+    return quantize_affine(result, q.params).reshape(-1)
+
+
+def evaluate_unit(
+    graph: ir.Graph,
+    nodes: list[ir.Node],
+    sources: list[ir.Value],
+    x: np.ndarray,
+    end: ir.Value,
+) -> np.ndarray | None:
+    """Run `nodes` (any order) in qlinear's own runtime with every value of `sources`
+    fed `x` (1-D); `end`'s value, or None when the unit cannot be evaluated.
+
+    Evaluating with the runtime that later runs the unfused graph is what makes a table
+    exact: it holds the very numbers those kernels would compute.
+    """
+    from qlinear.runtime.session import Session
+
+    names: dict[int, str] = {id(v): "x" for v in sources}
     for i, node in enumerate(nodes):  # name every output first: `nodes` is in any order
         for k, out in enumerate(node.outputs):
             names[id(out)] = f"v{i}_{k}"
@@ -172,20 +197,21 @@ def _table(
         del proto.output[:]
         proto.output.extend(names[id(out)] for out in node.outputs)
         protos.append(proto)
+    elem = helper.np_dtype_to_tensor_dtype(x.dtype)
+    opsets = [helper.make_opsetid("", graph.opset_imports.get("", 17))]
+    opsets += [helper.make_opsetid(d, v) for d, v in graph.opset_imports.items() if d]
     model = helper.make_model(
         helper.make_graph(
             protos,
             "lut",
-            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [codes.size])],
-            [helper.make_tensor_value_info(names[id(end)], onnx.TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("x", elem, [x.size])],
+            [helper.make_tensor_value_info(names[id(end)], onnx.TensorProto.UNDEFINED, None)],
             inits,
         ),
-        opset_imports=[helper.make_opsetid("", graph.opset_imports.get("", 17))],
+        opset_imports=opsets,
     )
     try:
-        (result,) = Session(model, optimize=False).run(None, {"x": floats})
+        (result,) = Session(model, optimize=False).run(None, {"x": x})
     except Exception:  # noqa: BLE001 - a unit we cannot evaluate is simply not fused
         return None
-    if result.shape != floats.shape or result.dtype != np.float32:
-        return None
-    return quantize_affine(result, q.params).reshape(-1)
+    return np.asarray(result)

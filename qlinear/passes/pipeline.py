@@ -4,7 +4,8 @@ Order matters: float folds first (BatchNorm, per-channel Mul) so the weights are
 then exact Q/DQ folds and integer data movement, so that node units are as large as
 possible; then the QLinear fusions (Conv/MatMul/Gemm before elementwise, table lookups
 for the elementwise chains no QLinear op covers, int8->float last so it only sees
-products whose output is not quantized). The whole list runs to
+products whose output is not quantized; then chains of 8-bit elementwise ops of one tensor
+collapse into one lookup). The whole list runs to
 a fixed point, with dead nodes removed after every step; running it again on its
 own output changes nothing.
 """
@@ -21,6 +22,7 @@ from qlinear.passes._infra import ExplainLog
 from qlinear.passes.fold_batchnorm import FoldBatchNormPass
 from qlinear.passes.fold_scale import FoldScalePass
 from qlinear.passes.fuse_int8_float import FuseInt8FloatPass
+from qlinear.passes.fuse_integer_lookup import FuseIntegerLookupPass
 from qlinear.passes.fuse_qlinear import FuseQLinearPass
 from qlinear.passes.fuse_qlinear_elementwise import FuseQLinearElementwisePass
 from qlinear.passes.fuse_table_lookup import FuseTableLookupPass
@@ -46,6 +48,7 @@ def quantized_passes(log: ExplainLog | None = None) -> list[passes.PassBase]:
         FuseQLinearPass(log),
         FuseQLinearElementwisePass(log),
         FuseTableLookupPass(log),
+        FuseIntegerLookupPass(log),
         FuseInt8FloatPass(log),
     ]
 

@@ -187,8 +187,12 @@ def _layer_norm_rows(counters, x, scale, bias, eps, y, mean_out, inv_out):  # pr
                 v += d * d
             inv = 1.0 / np.sqrt(v / cols + eps)
             yr = y[r]
+            # the normalization in the input's precision (float32 statistics, as ORT's
+            # stash_type=1): float64 here halved the vector width of the widest pass
+            mu_x = x.dtype.type(mu)
+            inv_x = x.dtype.type(inv)
             for j in range(cols):
-                yr[j] = (xr[j] - mu) * inv * scale[j] + bias[j]
+                yr[j] = (xr[j] - mu_x) * inv_x * scale[j] + bias[j]
             mean_out[r] = mu
             inv_out[r] = inv
         finish(counters)

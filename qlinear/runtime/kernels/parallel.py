@@ -23,11 +23,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import numba
 import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
+from qlinear.runtime.kernels import config
 from qlinear.runtime.kernels.config import JIT
 
 #: Below this many multiply-adds (~20 us on one core) a call runs on the calling thread
@@ -146,7 +146,7 @@ def run_tasks(kernel: Any, ntasks: int, work: int, *args: Any) -> None:
     claimed atomically, so a helper that starts late (or twice) is harmless.
     """
     counters = np.zeros(2, np.int64)
-    threads = numba.get_num_threads()
+    threads = config.num_threads()
     if threads > 1 and ntasks > 1 and work >= SERIAL_WORK:
         with _lock:
             _ctrl[0] += 1

@@ -327,11 +327,50 @@ def _lookup(x, table, out):  # pragma: no cover
         out[i] = table[x[i]]
 
 
+@njit(**JIT)
+def _index_range(idx):  # pragma: no cover
+    lo = idx[0]
+    hi = idx[0]
+    for i in range(idx.size):
+        lo = min(lo, idx[i])
+        hi = max(hi, idx[i])
+    return lo, hi
+
+
+@njit(**JIT)
+def _lookup_wrapped(x, table, out):  # pragma: no cover
+    n = table.size
+    for i in range(x.size):
+        j = x[i]
+        out[i] = table[j + n if j < 0 else j]
+
+
 def lookup_u8(x: np.ndarray, table_by_bits: np.ndarray) -> np.ndarray:
     """out[i] = table[bit pattern of x[i]] for 8-bit x (the table is indexed by uint8 bits)."""
     xf = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
     out = np.empty(x.shape, table_by_bits.dtype)
     _lookup(xf, table_by_bits, out.reshape(-1))
+    return out
+
+
+def gather_1d(table: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """table[indices] for a 1-D table (ONNX Gather axis 0): negative indices count from
+    the end, an index out of range raises IndexError naming it. One pass for 8-bit
+    indices into a 256-entry table (always in range), else a range check and a pass.
+    """
+    flat = np.ascontiguousarray(indices).reshape(-1)
+    out = np.empty(indices.shape, table.dtype)
+    if flat.size == 0:
+        return out
+    if flat.dtype == np.uint8 and table.size >= 256:
+        _lookup(flat, table, out.reshape(-1))
+        return out
+    lo, hi = _index_range(flat)
+    n = table.size
+    if lo < -n or hi >= n:
+        bad = int(lo) if lo < -n else int(hi)
+        raise IndexError(f"Gather index {bad} is out of range for a table of {n} entries")
+    (_lookup if lo >= 0 else _lookup_wrapped)(flat, table, out.reshape(-1))
     return out
 
 

@@ -296,9 +296,20 @@ class ConvAttributes:
         self._strides = spec.attr("strides")
         self._dilations = spec.attr("dilations")
         self._pads = spec.attr("pads")
+        self._resolved: dict[tuple, tuple] = {}
 
     def resolve(self, x_shape: tuple[int, ...], w_shape: tuple[int, ...]):
-        """(strides, dilations, pads_begin, pads_end) for this input."""
+        """(strides, dilations, pads_begin, pads_end) for this input (memoized per shape:
+        a small convolution's whole arithmetic costs about what resolving did)."""
+        key = (tuple(x_shape), tuple(w_shape))
+        hit = self._resolved.get(key)
+        if hit is None:
+            if len(self._resolved) > 16:
+                self._resolved.clear()
+            hit = self._resolved[key] = self._resolve(x_shape, w_shape)
+        return hit
+
+    def _resolve(self, x_shape: tuple[int, ...], w_shape: tuple[int, ...]):
         nd = len(x_shape) - 2
         kernel = self.kernel or tuple(w_shape[2:])
         strides = tuple(int(s) for s in (self._strides or [1] * nd))

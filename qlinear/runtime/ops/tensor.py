@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qlinear.runtime.kernels.qelementwise import gather_1d
 from qlinear.runtime.registry import Kernel, NodeSpec, register
 
 
@@ -245,6 +246,17 @@ def _split(spec: NodeSpec) -> Kernel:
 @register("Gather", since=1)
 def _gather(spec: NodeSpec) -> Kernel:
     axis = int(spec.attr("axis", 0))
+    table = spec.const(0)
+    if table is not None and table.ndim == 1 and table.dtype != object:
+        # a lookup table (embedding ids, quantized-activation LUTs): one numba pass
+        values = np.ascontiguousarray(table)
+
+        def lookup(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
+            if indices.ndim == 0:
+                return x[int(indices)]
+            return gather_1d(values, indices)
+
+        return lookup
 
     def run(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
         a = _axis(axis, x.ndim)
