@@ -18,9 +18,11 @@ import numpy as np
 
 from qlinear.runtime.kernels.conv import conv, pack_conv_weights, resolve_pads
 from qlinear.runtime.kernels.nhwc import conv_nhwc, depthwise_weights, max_pool_nhwc
+from qlinear.runtime.kernels.patches import conv_patches
 from qlinear.runtime.kernels.requant import output_multiplier
 from qlinear.runtime.ops.quantized import (
     ConvAttributes,
+    PatchWeights,
     _const_multiplier,
     column_vector,
     scalar_zero_point,
@@ -76,6 +78,7 @@ def _ms_qlinear_conv(spec: NodeSpec) -> Kernel:
     bias_const = spec.const(8) if spec.has_input(8) else None
     b32_const = (None if bias_const is None or n_out is None
                  else column_vector(bias_const, n_out, "B", np.int32))
+    patches = PatchWeights(spec, 3, 5, channels_last=channels_last)
 
     def run(x: np.ndarray, x_scale: np.ndarray, x_zp: np.ndarray, w: np.ndarray,
             w_scale: np.ndarray, w_zp: np.ndarray, y_scale: np.ndarray, y_zp: np.ndarray,
@@ -93,13 +96,19 @@ def _ms_qlinear_conv(spec: NodeSpec) -> Kernel:
         else:
             b32 = column_vector(bias, c_out, "B", np.int32)
         out_dtype = np.asarray(y_zp).dtype
+        if channels_last:
+            _check_x(x)
+        nchw = x.shape if not channels_last else _nchw_shape(x)
+        strides, dilations, begin, end = weights.attrs.resolve(nchw, w.shape)
+        patch = patches.get(nchw[2:], strides, dilations, begin, end, weights.attrs.group)
+        if patch is not None:
+            return conv_patches(x, scalar_zero_point(x_zp, "x_zero_point"), patch,
+                                patches.kernel, channels_last, out_dtype=out_dtype, bias=b32,
+                                mult=mult, y_zp=scalar_zero_point(y_zp, "y_zero_point"))
         if not channels_last:
-            strides, dilations, begin, end = weights.attrs.resolve(x.shape, w.shape)
             return conv(x, scalar_zero_point(x_zp, "x_zero_point"), packed, strides, dilations,
                         begin, end, out_dtype=out_dtype, bias=b32, mult=mult,
                         y_zp=scalar_zero_point(y_zp, "y_zero_point"))
-        _check_x(x)
-        strides, dilations, begin, end = weights.attrs.resolve(_nchw_shape(x), w.shape)
         return conv_nhwc(x, scalar_zero_point(x_zp, "x_zero_point"), packed, strides, dilations,
                          begin, end, out_dtype=out_dtype, bias=b32, mult=mult,
                          y_zp=scalar_zero_point(y_zp, "y_zero_point"), dw_weights=dw)

@@ -22,6 +22,7 @@ from qlinear.runtime.kernels.gemm import (
     pack_matrix,
     pack_weights,
 )
+from qlinear.runtime.kernels.patches import conv_patches, is_patchify, pack_patch_weights
 from qlinear.runtime.kernels.requant import output_multiplier
 from qlinear.runtime.registry import Kernel, NodeSpec, register
 
@@ -320,6 +321,31 @@ class ConvAttributes:
         return strides, dilations, begin, end
 
 
+class PatchWeights:
+    """Constant conv weights packed as a K x N matrix for `conv_patches`, on first use by
+    an input the convolution tiles into disjoint patches (stride == kernel, no pads)."""
+
+    def __init__(self, spec: NodeSpec, w_index: int, zp_index: int, *, channels_last: bool):
+        self._w = spec.const(w_index)
+        zp_known = not spec.has_input(zp_index) or spec.const(zp_index) is not None
+        self._zp = spec.const(zp_index)
+        self._channels_last = channels_last
+        if self._w is None or not zp_known or self._w.ndim != 4:
+            self._w = None
+        self.kernel = (0, 0) if self._w is None else tuple(int(k) for k in self._w.shape[2:])
+        self._packed: PackedWeights | None = None
+
+    def get(self, spatial, strides, dilations, begin, end, groups: int) -> PackedWeights | None:
+        if self._w is None or not is_patchify(
+            self.kernel, strides, dilations, begin, end, groups, tuple(spatial)
+        ):
+            return None
+        if self._packed is None:
+            zp = column_vector(self._zp, self._w.shape[0], "w_zero_point", np.int32)
+            self._packed = pack_patch_weights(self._w, zp, self._channels_last)
+        return self._packed
+
+
 def _conv_factory(
     spec: NodeSpec, w_index: int, w_zp_index: int
 ) -> tuple[ConvAttributes, _WeightCache]:
@@ -342,6 +368,7 @@ def _qlinear_conv(spec: NodeSpec) -> Kernel:
     attrs, weights = _conv_factory(spec, 3, 5)
     w_const = spec.const(3)
     mult_const = _const_multiplier(spec, 1, 4, 6, None if w_const is None else w_const.shape[0])
+    patches = PatchWeights(spec, 3, 5, channels_last=False)
 
     def run(
         x: np.ndarray,
@@ -365,6 +392,14 @@ def _qlinear_conv(spec: NodeSpec) -> Kernel:
                 x_scale, column_vector(w_scale, c_out, "w_scale", np.float32), y_scale, c_out
             )
         )
+        patch = patches.get(x.shape[2:], strides, dilations, begin, end, attrs.group)
+        if patch is not None:
+            return conv_patches(
+                x, scalar_zero_point(x_zp, "x_zero_point"), patch, patches.kernel, False,
+                out_dtype=np.asarray(y_zp).dtype,
+                bias=None if bias is None else column_vector(bias, c_out, "B", np.int32),
+                mult=mult, y_zp=scalar_zero_point(y_zp, "y_zero_point"),
+            )
         return conv(
             x,
             scalar_zero_point(x_zp, "x_zero_point"),
