@@ -27,6 +27,7 @@ from qlinear.errors import (
 from qlinear.onnx_io import ModelLike, load_model
 from qlinear.runtime.fallback import reference_kernel
 from qlinear.runtime.registry import Kernel, NodeSpec, lookup, normalize_domain
+from qlinear.runtime.step_fusion import fuse_steps
 
 #: Ops whose output differs between calls with the same inputs: never folded at plan time.
 _NONDETERMINISTIC = {
@@ -276,7 +277,7 @@ class Session:
                 self._fold(step)
                 continue
             steps.append(step)
-        self._steps = _read_lookup_indices_directly(steps, self._value_types, self._output_names)
+        self._steps = fuse_steps(steps, self._value_types, self._output_names)
         self.fallback_ops = sorted({s.spec.op_type for s in steps if s.fallback})
         self._producible = (
             set(self._consts)
@@ -378,49 +379,6 @@ class Session:
         if missing:
             raise InputError(f"missing input(s) {', '.join(map(repr, missing))}")
         return checked
-
-
-_SMALL_INTS = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16))
-
-
-def _read_lookup_indices_directly(
-    steps: list[_Step], types: dict, graph_outputs: set[str]
-) -> list[_Step]:
-    """Drop a Cast of small integers whose only reader is a Gather from a 1-D constant
-    table, and let the Gather read the small integers (same values, same wrap-around).
-
-    Table lookups of quantized activations are written `Cast(int32) -> Gather` (Gather
-    wants int32/int64 indices); the Cast alone is a full pass over the tensor.
-    """
-    readers: dict[str, int] = {}
-    for step in steps:
-        for name in step.inputs:
-            if name:
-                readers[name] = readers.get(name, 0) + 1
-    producer = {o: i for i, s in enumerate(steps) for o in s.outputs if o}
-    dropped: set[int] = set()
-    for step in steps:
-        spec = step.spec
-        if spec.op_type != "Gather" or spec.domain or len(step.inputs) != 2:
-            continue
-        table = spec.const(0)
-        index = step.inputs[1]
-        j = producer.get(index)
-        if table is None or table.ndim != 1 or j is None or index in graph_outputs:
-            continue
-        cast = steps[j]
-        to = cast.spec.attr("to")
-        if (
-            cast.spec.op_type != "Cast"
-            or cast.spec.domain
-            or readers.get(index) != 1
-            or to not in (onnx.TensorProto.INT32, onnx.TensorProto.INT64)
-            or types.get(cast.inputs[0], (None, None))[0] not in _SMALL_INTS
-        ):
-            continue
-        step.inputs = (step.inputs[0], cast.inputs[0])
-        dropped.add(j)
-    return [s for i, s in enumerate(steps) if i not in dropped]
 
 
 def _optimized(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -168,31 +168,38 @@ _LN_ROWS = 16
 
 
 @njit(**_FLOAT_JIT)
+def layer_norm_row(xr, scale, bias, eps, yr):  # pragma: no cover
+    """One row of LayerNorm (two-pass mean/variance in float64); returns (mean, 1/std).
+
+    The quantized LayerNorm (`qlayernorm`) calls this same function on float32 rows of
+    the same types, so fused and unfused plans give the same bits (tested on BERT).
+    """
+    cols = xr.shape[0]
+    s = 0.0
+    for j in range(cols):
+        s += xr[j]
+    mu = s / cols
+    v = 0.0
+    for j in range(cols):
+        d = xr[j] - mu
+        v += d * d
+    inv = 1.0 / np.sqrt(v / cols + eps)
+    # normalized in float64 like ORT's CPU kernel (which divides by the float64 std)
+    for j in range(cols):
+        yr[j] = (xr[j] - mu) * inv * scale[j] + bias[j]
+    return mu, inv
+
+
+@njit(**_FLOAT_JIT)
 def _layer_norm_rows(counters, x, scale, bias, eps, y, mean_out, inv_out):  # pragma: no cover
-    rows, cols = x.shape
+    rows = x.shape[0]
     ntasks = (rows + _LN_ROWS - 1) // _LN_ROWS
     while True:
         t = claim(counters)
         if t >= ntasks:
             break
         for r in range(t * _LN_ROWS, min(rows, (t + 1) * _LN_ROWS)):
-            xr = x[r]
-            s = 0.0
-            for j in range(cols):
-                s += xr[j]
-            mu = s / cols
-            v = 0.0
-            for j in range(cols):
-                d = xr[j] - mu
-                v += d * d
-            inv = 1.0 / np.sqrt(v / cols + eps)
-            yr = y[r]
-            # the normalization in the input's precision (float32 statistics, as ORT's
-            # stash_type=1): float64 here halved the vector width of the widest pass
-            mu_x = x.dtype.type(mu)
-            inv_x = x.dtype.type(inv)
-            for j in range(cols):
-                yr[j] = (xr[j] - mu_x) * inv_x * scale[j] + bias[j]
+            mu, inv = layer_norm_row(x[r], scale, bias, eps, y[r])
             mean_out[r] = mu
             inv_out[r] = inv
         finish(counters)

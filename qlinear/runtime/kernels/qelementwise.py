@@ -57,22 +57,26 @@ def _quantize_f32(counters, x, scale, zp, inner, qmin, qmax, out):  # pragma: no
             blk = i // inner
             c = blk % nch
             seg = min(end, (blk + 1) * inner)
-            s = scale[c]
-            z = np.int32(zp[c])
-            lo = np.float32(qmin - zp[c])
-            hi = np.float32(qmax - zp[c])
-            xs = x[i:seg]  # slices: loops from 0 vectorize, range(i, seg) did not
-            os = out[i:seg]
-            for k in range(xs.size):
-                v = xs[k] / s
-                if not v >= lo:  # also NaN -> qmin
-                    v = lo
-                if v > hi:
-                    v = hi
-                r = (v + ROUNDING_MAGIC) - ROUNDING_MAGIC
-                os[k] = np.int32(r) + z
+            # slices: loops from 0 vectorize, range(i, seg) did not
+            quantize_row(x[i:seg], scale[c], zp[c], qmin, qmax, out[i:seg])
             i = seg
         finish(counters)
+
+
+@njit(inline="always", **JIT)
+def quantize_row(xs, s, zp, qmin, qmax, os):  # pragma: no cover
+    """os = saturate(rint(xs / s) + zp): the one float -> 8/16-bit quantization loop."""
+    z = np.int32(zp)
+    lo = np.float32(qmin - zp)
+    hi = np.float32(qmax - zp)
+    for k in range(xs.size):
+        v = xs[k] / s
+        if not v >= lo:  # also NaN -> qmin
+            v = lo
+        if v > hi:
+            v = hi
+        r = (v + ROUNDING_MAGIC) - ROUNDING_MAGIC
+        os[k] = np.int32(r) + z
 
 
 @njit(**JIT)
@@ -90,14 +94,16 @@ def _dequantize(counters, q, scale, zp, inner, out):  # pragma: no cover
             blk = i // inner
             c = blk % nch
             seg = min(end, (blk + 1) * inner)
-            s = scale[c]
-            zf = np.float32(zp[c])
-            qs = q[i:seg]
-            os = out[i:seg]
-            for k in range(qs.size):
-                os[k] = (np.float32(qs[k]) - zf) * s
+            dequantize_row(q[i:seg], scale[c], np.float32(zp[c]), out[i:seg])
             i = seg
         finish(counters)
+
+
+@njit(inline="always", **JIT)
+def dequantize_row(qs, s, zf, os):  # pragma: no cover
+    """os = (float32(qs) - zf) * s: the one 8/16-bit -> float dequantization loop."""
+    for k in range(qs.size):
+        os[k] = (np.float32(qs[k]) - zf) * s
 
 
 def quantize_f32(

@@ -1,0 +1,165 @@
+"""Plan-time fusions of adjacent steps, invisible in the graph (it stays standard ONNX).
+
+Some node sequences that every quantized model contains cost whole passes over a
+tensor for nothing the graph could express better: Gather wants int32 indices, so a
+table lookup of an 8-bit tensor is ``Cast -> Gather``; a float LayerNorm sits between
+a DequantizeLinear and a QuantizeLinear. The session plans these as one step. A fusion
+only fires when the intermediate values have no other reader and are not outputs, and
+the fused kernel runs the same arithmetic functions as the separate ones (same bits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+
+from qlinear.runtime.kernels.qlayernorm import quantized_layer_norm
+
+_SMALL_INTS = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16))
+_EIGHT_BIT = (np.dtype(np.uint8), np.dtype(np.int8))
+
+
+class Step(Protocol):
+    """What a fusion needs of a session step (`session._Step`)."""
+
+    spec: Any
+    kernel: Callable[..., Any]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def fuse_steps(steps: list, types: dict, graph_outputs: set[str]) -> list:
+    """The plan with every applicable fusion applied (steps are changed in place)."""
+    steps = _read_lookup_indices_directly(steps, types, graph_outputs)
+    return _quantized_layer_norms(steps, types, graph_outputs)
+
+
+def _readers(steps: list) -> dict[str, int]:
+    readers: dict[str, int] = {}
+    for step in steps:
+        for name in step.inputs:
+            if name:
+                readers[name] = readers.get(name, 0) + 1
+    return readers
+
+
+def _producers(steps: list) -> dict[str, int]:
+    return {o: i for i, s in enumerate(steps) for o in s.outputs if o}
+
+
+def _read_lookup_indices_directly(steps: list, types: dict, graph_outputs: set[str]) -> list:
+    """Drop a Cast of small integers whose only reader is a Gather from a 1-D constant
+    table, and let the Gather read the small integers (same values, same wrap-around);
+    the Cast alone is a full pass over the tensor."""
+    readers = _readers(steps)
+    producer = _producers(steps)
+    dropped: set[int] = set()
+    for step in steps:
+        spec = step.spec
+        if spec.op_type != "Gather" or spec.domain or len(step.inputs) != 2:
+            continue
+        table = spec.const(0)
+        index = step.inputs[1]
+        j = producer.get(index)
+        if table is None or table.ndim != 1 or j is None or index in graph_outputs:
+            continue
+        cast = steps[j]
+        to = cast.spec.attr("to")
+        if (
+            cast.spec.op_type != "Cast"
+            or cast.spec.domain
+            or readers.get(index) != 1
+            or to not in (onnx.TensorProto.INT32, onnx.TensorProto.INT64)
+            or types.get(cast.inputs[0], (None, None))[0] not in _SMALL_INTS
+        ):
+            continue
+        step.inputs = (step.inputs[0], cast.inputs[0])
+        dropped.add(j)
+    return [s for i, s in enumerate(steps) if i not in dropped]
+
+
+def _per_tensor(step: Step) -> tuple[np.float32, np.ndarray] | None:
+    """(scale, zero point) of a Q/DQ step with constant single-value parameters."""
+    spec = step.spec
+    if spec.domain or len(step.inputs) < 3 or not step.inputs[2]:
+        return None
+    scale, zp = spec.const(1), spec.const(2)
+    if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+        return None
+    if scale.dtype != np.float32 or zp.dtype not in _EIGHT_BIT:
+        return None
+    if spec.attr("output_dtype", 0) or spec.attr("block_size", 0):
+        return None
+    return np.float32(scale.reshape(-1)[0]), zp.reshape(())
+
+
+def _quantized_layer_norms(steps: list, types: dict, graph_outputs: set[str]) -> list:
+    """DequantizeLinear -> LayerNormalization (last axis) -> QuantizeLinear, per-tensor
+    8-bit parameters, become one `quantized_layer_norm` step."""
+    readers = _readers(steps)
+    producer = _producers(steps)
+    dropped: set[int] = set()
+    for qi, q in enumerate(steps):
+        if q.spec.op_type != "QuantizeLinear" or q.spec.domain:
+            continue
+        li = producer.get(q.inputs[0])
+        if li is None or li in dropped:
+            continue
+        ln = steps[li]
+        if ln.spec.op_type != "LayerNormalization" or ln.spec.domain or len(ln.outputs) != 1:
+            continue
+        di = producer.get(ln.inputs[0])
+        if di is None or di in dropped:
+            continue
+        dq = steps[di]
+        if dq.spec.op_type != "DequantizeLinear" or dq.spec.domain:
+            continue
+        fused = _layer_norm_kernel(dq, ln, q, types)
+        if fused is None:
+            continue
+        if any(readers.get(v) != 1 or v in graph_outputs for v in (dq.outputs[0], ln.outputs[0])):
+            continue
+        ln.kernel = fused
+        ln.inputs = (dq.inputs[0],)
+        ln.outputs = q.outputs
+        dropped.update((di, qi))
+    return [s for i, s in enumerate(steps) if i not in dropped]
+
+
+def _layer_norm_kernel(dq: Step, ln: Step, q: Step, types: dict) -> Callable | None:
+    x_params, y_params = _per_tensor(dq), _per_tensor(q)
+    if x_params is None or y_params is None:
+        return None
+    spec = ln.spec
+    scale = spec.const(1)
+    bias = spec.const(2) if len(ln.inputs) > 2 and ln.inputs[2] else None
+    _, shape = types.get(dq.inputs[0], (None, None))
+    if scale is None or (len(ln.inputs) > 2 and ln.inputs[2] and bias is None) or not shape:
+        return None
+    cols = shape[-1]
+    axis = int(spec.attr("axis", -1))
+    if not isinstance(cols, int) or axis not in (-1, len(shape) - 1):
+        return None
+    if int(spec.attr("stash_type", 1)) != 1 or scale.dtype != np.float32 or scale.size != cols:
+        return None
+    gamma = np.ascontiguousarray(scale.reshape(cols))
+    beta = np.zeros(cols, np.float32) if bias is None else bias.astype(np.float32).reshape(cols)
+    if bias is not None and (bias.dtype != np.float32 or bias.size != cols):
+        return None
+    x_scale, x_zp = x_params
+    y_scale, y_zp = y_params
+    eps = float(spec.attr("epsilon", 1e-5))
+    originals = (dq.kernel, ln.kernel, q.kernel, dq.spec.consts, q.spec.consts)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if x.dtype != x_zp.dtype or x.ndim == 0 or x.shape[-1] != cols:
+            dq_k, ln_k, q_k, dq_c, q_c = originals  # what the graph says, step by step
+            f = dq_k(x, dq_c[1], dq_c[2])
+            return q_k(ln_k(f, gamma, beta), q_c[1], q_c[2])
+        return quantized_layer_norm(x, x_scale, int(x_zp), gamma, beta, eps, y_scale,
+                                    int(y_zp), y_zp.dtype)
+
+    return run
