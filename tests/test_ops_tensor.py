@@ -266,3 +266,17 @@ def test_gather_from_a_constant_table_names_an_index_out_of_range() -> None:
     for bad in (10, -11):
         with pytest.raises(IndexError, match=f"{bad}.*10 entries"):
             run(table, np.array([0, bad, 1], np.int64))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=3, max_size=5),
+    dtype=st.sampled_from([np.uint8, np.int8, np.float32, np.int64]),
+)
+def test_transpose_of_channels_to_last_equals_numpy(shape, dtype) -> None:
+    x = (np.random.default_rng(len(shape)).normal(size=shape) * 40).astype(dtype)
+    perm = (0, *range(2, len(shape)), 1)
+    run = kernel("Transpose", ["x"], 13, perm=list(perm))
+    y = run(x)
+    np.testing.assert_array_equal(y, np.transpose(x, perm))
+    assert y.flags.c_contiguous
