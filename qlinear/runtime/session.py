@@ -197,9 +197,9 @@ class Session:
     def _run_steps(
         self, env: dict[str, np.ndarray], keep: set[str], times: list[NodeTime] | None, clock: Any
     ) -> None:
-        if times is None:
-            self._run_steps_fast(env, keep)
-            return
+        """Run the plan. The per-node Python here is what a batch-1 run of a small model
+        spends between kernels, so the common single-output case takes the short path."""
+        ndarray = np.ndarray
         for step in self._steps:
             args = [env[n] if n else None for n in step.inputs]
             start = clock() if times is not None else 0.0
@@ -211,27 +211,6 @@ class Session:
                 raise NodeExecutionError(_failure_message(step.spec, args, exc)) from exc
             if times is not None:
                 times.append(NodeTime(step.spec.name, step.spec.op_type, clock() - start))
-            if isinstance(result, np.ndarray) or np.isscalar(result):
-                result = (result,)
-            for name, value in zip(step.outputs, result, strict=False):
-                if name:
-                    env[name] = value if isinstance(value, np.ndarray) else np.asarray(value)
-            for name in step.release:
-                if name not in keep:
-                    env.pop(name, None)
-
-    def _run_steps_fast(self, env: dict[str, np.ndarray], keep: set[str]) -> None:
-        """`_run_steps` without timing: the per-node Python is what a batch-1 run of a
-        small model spends between kernels, so the common single-output case is direct."""
-        ndarray = np.ndarray
-        for step in self._steps:
-            args = [env[n] if n else None for n in step.inputs]
-            try:
-                result = step.kernel(*args)
-            except QlinearError:
-                raise
-            except Exception as exc:
-                raise NodeExecutionError(_failure_message(step.spec, args, exc)) from exc
             outputs = step.outputs
             if type(result) is ndarray and len(outputs) == 1:
                 if outputs[0]:
