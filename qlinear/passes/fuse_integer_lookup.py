@@ -163,6 +163,11 @@ def _collect(end_node: ir.Node) -> tuple[ir.Value, list[ir.Node]] | None:
     return None
 
 
+#: Nodes not counted as passes: a Cast/Add feeding a lookup is planned into the lookup,
+#: and a bare DQ -> Q pair is the requantize the Q/DQ folds deliberately leave.
+_FREE = frozenset({"Cast", "Add", "QuantizeLinear", "DequantizeLinear"})
+
+
 def _cost(nodes: list[ir.Node]) -> int:
-    """Passes over the tensor the unit costs now (a Cast/Add feeding a lookup is free)."""
-    return sum(1 for n in nodes if n.op_type not in ("Cast", "Add") or n.domain == MS_DOMAIN)
+    """Passes over the tensor the unit costs now."""
+    return sum(1 for n in nodes if n.op_type not in _FREE or n.domain == MS_DOMAIN)
