@@ -9,14 +9,12 @@ matrix. The shared GEMM driver (gemm.py) does the tiles and writes channels-last
 output rows; one blocked transpose makes NCHW. (1-D and 2-D copies run in numba,
 8 x 8 byte blocks as uint64 words when C and W are multiples of 8; 3-D uses numpy.)
 
-Depthwise (one input channel per group, any channel multiplier, 1-D/2-D): its own
-kernels over the same padded channels-last buffer, with weights centered per output
-channel so distinct per-channel weight zero points cost nothing; the input zero point
-enters once per channel through `col_term`. `_depthwise_s1` (horizontal stride 1)
-does one long vectorized multiply-add per kernel row over a whole output row against
-row-tiled weights; `_depthwise_rows` (other strides) works per pixel, three taps per
-pass. Both are shared with the NHWC path (nhwc.py). 3-D depthwise goes through the
-general path. The driver launch of the general path is memoized per input shape.
+Depthwise (one input channel per group, any channel multiplier, 1-D/2-D): the
+register-blocked kernel of depthwise.py (shared with the NHWC path) over an unpadded
+channels-last copy of the input, with weights centered per output channel so distinct
+per-channel weight zero points cost nothing; it writes channels-last rows, one blocked
+transpose makes NCHW. 3-D depthwise goes through the general path. The driver launch
+of the general path, and the depthwise launch, are memoized per input shape.
 """
 
 from __future__ import annotations
@@ -28,20 +26,23 @@ from numba import njit
 
 from qlinear.runtime.kernels import config
 from qlinear.runtime.kernels.config import JIT
+from qlinear.runtime.kernels.depthwise import (
+    DepthwiseLaunch,
+    channel_stride,
+    pixels_to_planes,
+    planes_to_pixels,
+)
 from qlinear.runtime.kernels.gemm import ACT_SHIFT, PackedLaunch, PackedWeights, pack_weights
 from qlinear.runtime.kernels.parallel import claim, finish, run_tasks
 from qlinear.runtime.kernels.requant import (
     OUT_FLOAT,
     OUT_INT32,
     OUT_QUANTIZED,
-    requantize_byte,
-    requantize_value,
 )
 
-#: Cost of one moved byte / one depthwise multiply-add, in VNNI multiply-adds: the
-#: unit `run_tasks` uses to decide whether waking helper threads pays off.
+#: Cost of one moved byte, in VNNI multiply-adds: the unit `run_tasks` uses to decide
+#: whether waking helper threads pays off.
 BYTE_WORK = 32
-DEPTHWISE_WORK = 16
 
 
 def resolve_pads(
@@ -211,75 +212,8 @@ def conv(
             )
         )
     if packed.depthwise and packed.gemm is None:
-        hp = max(x4.shape[2] + b2[0], (o2[0] - 1) * s2[0] + (k2[0] - 1) * d2[0] + 1)
-        wp = max(x4.shape[3] + b2[1], (o2[1] - 1) * s2[1] + (k2[1] - 1) * d2[1] + 1)
-        c_out = packed.c_out
-        zp_u8 = int(x_zp) + shift
-        mult_per_group = c_out // packed.groups
-        buf = np.empty((b, hp, wp, c_out), np.uint8)
-        x8 = x4.view(np.uint8)
-        if mult_per_group == 1 and c_out % 8 == 0 and x8.shape[3] % 8 == 0:
-            run_tasks(
-                _nhwc_rows_words,
-                b * hp,
-                b * hp * wp * c_out * BYTE_WORK,
-                np.ascontiguousarray(x8).view(np.uint64),
-                np.uint64(0x8080808080808080 if shift else 0),
-                np.full(c_out, zp_u8, np.uint8).view(np.uint64),
-                np.int64(b2[0]),
-                np.int64(b2[1]),
-                buf.view(np.uint64),
-            )
-        else:
-            run_tasks(
-                _nhwc_rows,
-                b * hp,
-                b * hp * wp * c_out * BYTE_WORK,
-                x8 if mult_per_group == 1 else np.repeat(x8, mult_per_group, axis=1),
-                np.uint8(0x80 if shift else 0),
-                np.full(c_out, zp_u8, np.uint8),
-                np.arange(c_out, dtype=np.int64),
-                np.int64(b2[0]),
-                np.int64(b2[1]),
-                buf,
-            )
-        col64 = -zp_u8 * packed.centered.astype(np.int64).sum(axis=0)
-        if bias is not None:
-            col64 = col64 + np.broadcast_to(np.asarray(bias, np.int64).reshape(-1), (c_out,))
-        col = col64.astype(np.int32)
-        rows_out = np.empty((b, pix, c_out), out_dtype)
-        if mode != OUT_FLOAT:
-            _depthwise_fast(buf, packed.centered, k2, s2, d2, o2, col, mode, rows_out,
-                            _f32(mult, c_out), int(y_zp), info)
-            _to_nchw(rows_out, out)
-            return out
-        run_tasks(
-            _depthwise_nhwc,
-            b * o2[0],
-            b * c_out * pix * packed.centered.shape[0] * DEPTHWISE_WORK,
-            buf,
-            packed.centered,
-            np.int64(k2[0]),
-            np.int64(k2[1]),
-            np.int64(s2[0]),
-            np.int64(s2[1]),
-            np.int64(d2[0]),
-            np.int64(d2[1]),
-            np.int64(o2[0]),
-            np.int64(o2[1]),
-            col,
-            np.int64(mode),
-            rows_out.reshape(-1) if mode == OUT_INT32 else _EMPTY_I32,
-            rows_out.reshape(-1).view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY_U8,
-            _f32(mult, c_out),
-            np.int64(y_zp),
-            np.int64(info.min),
-            np.int64(info.max),
-            rows_out.reshape(-1) if mode == OUT_FLOAT else _EMPTY_F32,
-            _f32(fscale, c_out),
-            _f32(fbias, c_out),
-        )
-        _to_nchw(rows_out, out)
+        _conv_depthwise(x4, int(x_zp), packed, k2, s2, d2, b2, o2, out, mode, info, bias, mult,
+                        int(y_zp), fscale, fbias)
         return out
     pw = packed.gemm
     cgp = pw.c4 * 4
@@ -365,17 +299,6 @@ def conv(
     launch.run(buf.reshape(-1), rows_out.reshape(-1))
     _to_nchw(rows_out.reshape(b, pix, packed.c_out), out)
     return out
-
-
-_EMPTY_I32 = np.zeros(0, np.int32)
-_EMPTY_U8 = np.zeros(0, np.uint8)
-_EMPTY_F32 = np.zeros(0, np.float32)
-
-
-def _f32(v: np.ndarray | None, n: int) -> np.ndarray:
-    if v is None:
-        return np.zeros(n, np.float32)
-    return np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float32).reshape(-1), (n,)))
 
 
 _U = np.uint64  # unsigned indices: numba then skips negative-index fix-ups and vectorizes
@@ -616,283 +539,41 @@ def _to_nchw(rows_out: np.ndarray, out: np.ndarray) -> None:
     run_tasks(_rows_to_nchw, b * -(-pix // 64), b * pix * ch * BYTE_WORK, src, dst)
 
 
-@njit(**JIT)
-def _depthwise_nhwc(
-    counters,
-    buf,
-    wt,
-    kh,
-    kw,
-    sh,
-    sw,
-    dh,
-    dw,
-    oh_n,
-    ow_n,
-    col_term,
-    mode,
-    out_i32,
-    out_q,
-    mult,
-    y_zp,
-    q_lo,
-    q_hi,
-    out_f,
-    fscale,
-    fbias,
-):
-    """Depthwise conv, one output row per task, vectorized over channels.
-
-    `buf` is the padded channels-last uint8 input (padding = the shifted input zero
-    point), `wt` the centered weights [T, C] (distinct per-channel weight zero points
-    folded in); `col_term[c]` = bias[c] - x_zp * sum_t wt[t, c] completes
-    sum (x - x_zp)(w - w_zp[c]).
-    """
-    nb, hp, wp, c_out = buf.shape
-    bf = buf.reshape(-1)
-    wf = wt.reshape(-1)
-    uc = _U(c_out)
-    lo = np.float32(q_lo - y_zp)
-    hi = np.float32(q_hi - y_zp)
-    zp = np.int32(y_zp)
-    pix = oh_n * ow_n
-    acc = np.empty(ow_n * c_out, np.int32)
-    ntasks = nb * oh_n
-    while True:
-        task = claim(counters)
-        if task >= ntasks:
-            break
-        bi = task // oh_n
-        oh = task - bi * oh_n
-        for ow in range(ow_n):
-            ab = _U(ow) * uc
-            for c in range(uc):
-                acc[ab + c] = col_term[c]
-        if kh == 3 and kw == 3:
-            # all 9 taps per channel vector in registers: 1 store per 9 multiply-adds
-            r0 = _U((bi * hp + oh * sh) * wp) * uc
-            r1 = _U((bi * hp + oh * sh + dh) * wp) * uc
-            r2 = _U((bi * hp + oh * sh + 2 * dh) * wp) * uc
-            d1 = _U(dw) * uc
-            d2 = _U(2 * dw) * uc
-            for ow in range(ow_n):
-                col = _U(ow * sw) * uc
-                a0 = r0 + col
-                a1 = r1 + col
-                a2 = r2 + col
-                ab = _U(ow) * uc
-                for c in range(uc):
-                    acc[ab + c] = np.int32(
-                        acc[ab + c]
-                        + np.int32(bf[a0 + c]) * np.int32(wf[c])
-                        + np.int32(bf[a0 + d1 + c]) * np.int32(wf[uc + c])
-                        + np.int32(bf[a0 + d2 + c]) * np.int32(wf[2 * uc + c])
-                        + np.int32(bf[a1 + c]) * np.int32(wf[3 * uc + c])
-                        + np.int32(bf[a1 + d1 + c]) * np.int32(wf[4 * uc + c])
-                        + np.int32(bf[a1 + d2 + c]) * np.int32(wf[5 * uc + c])
-                        + np.int32(bf[a2 + c]) * np.int32(wf[6 * uc + c])
-                        + np.int32(bf[a2 + d1 + c]) * np.int32(wf[7 * uc + c])
-                        + np.int32(bf[a2 + d2 + c]) * np.int32(wf[8 * uc + c])
-                    )
-        else:
-            for i in range(kh):
-                row = _U((bi * hp + oh * sh + i * dh) * wp) * uc
-                for j in range(kw):
-                    wb = _U(i * kw + j) * uc
-                    for ow in range(ow_n):
-                        sb = row + _U(ow * sw + j * dw) * uc
-                        ab = _U(ow) * uc
-                        for c in range(uc):
-                            acc[ab + c] += np.int32(bf[sb + c]) * np.int32(wf[wb + c])
-        o = (_U(bi) * _U(pix) + _U(oh * ow_n)) * uc
-        for ow in range(ow_n):
-            ab = _U(ow) * uc
-            ob = o + ab
-            if mode == 1:
-                for c in range(uc):
-                    q = requantize_value(acc[ab + c], mult[c], zp, lo, hi)
-                    out_q[ob + c] = np.uint8(q & 0xFF)
-            elif mode == 0:
-                for c in range(uc):
-                    out_i32[ob + c] = acc[ab + c]
-            else:
-                for c in range(uc):
-                    out_f[ob + c] = np.float32(acc[ab + c]) * fscale[c] + fbias[c]
-        finish(counters)
-
-
-@njit(**JIT)
-def _depthwise_rows(
-    counters, buf, wt, kh, kw, sh, sw, dh, dw, oh_n, ow_n, col, mode, out_i32, out_q, mult,
-    y_zp, q_lo, q_hi,
-):
-    """Depthwise conv over a padded NHWC buffer (every tap in range), one output row per
-    task. Per pixel: acc = col; acc += x_tap * w_tap for each tap; requantize. Each inner
-    loop touches three arrays over contiguous channel slices, so LLVM vectorizes it
-    (one loop over all nine taps at once has too many pointers for its alias checks).
-
-    `wt` [T, C] is centered per channel (w - w_zp[c]); `col[c]` = bias[c] -
-    x_zp * sum_t wt[t, c] completes sum (x - x_zp)(w - w_zp[c]).
-    """
-    nb, hp, wp, c_n = buf.shape
-    bf = buf.reshape(-1)
-    wf = wt.reshape(-1)
-    lo = np.float32(q_lo - y_zp)
-    hi = np.float32(q_hi - y_zp)
-    zp_f = np.float32(y_zp)
-    acc = np.empty(c_n, np.int32)
-    ntasks = nb * oh_n
-    while True:
-        task = claim(counters)
-        if task >= ntasks:
-            break
-        bi = task // oh_n
-        oh = task - bi * oh_n
-        obase = (bi * oh_n + oh) * ow_n * c_n
-        for ow in range(ow_n):
-            for c in range(c_n):
-                acc[c] = col[c]
-            for i in range(kh):
-                rowb = ((bi * hp + oh * sh + i * dh) * wp + ow * sw) * c_n
-                if kw == 3:
-                    # a kernel row's three taps per pass: a third of the acc round trips
-                    d = dw * c_n
-                    x0 = bf[rowb : rowb + c_n]
-                    x1 = bf[rowb + d : rowb + d + c_n]
-                    x2 = bf[rowb + 2 * d : rowb + 2 * d + c_n]
-                    wo = 3 * i * c_n
-                    w0 = wf[wo : wo + c_n]
-                    w1 = wf[wo + c_n : wo + 2 * c_n]
-                    w2 = wf[wo + 2 * c_n : wo + 3 * c_n]
-                    for c in range(c_n):
-                        acc[c] += (
-                            np.int32(x0[c]) * np.int32(w0[c])
-                            + np.int32(x1[c]) * np.int32(w1[c])
-                            + np.int32(x2[c]) * np.int32(w2[c])
-                        )
-                    continue
-                for j in range(kw):
-                    xo = rowb + j * dw * c_n
-                    xs = bf[xo : xo + c_n]
-                    wo = (i * kw + j) * c_n
-                    ws = wf[wo : wo + c_n]
-                    for c in range(c_n):
-                        acc[c] += np.int32(xs[c]) * np.int32(ws[c])
-            o = obase + ow * c_n
-            if mode == 1:
-                oq = out_q[o : o + c_n]
-                for c in range(c_n):
-                    oq[c] = requantize_byte(acc[c], mult[c], zp_f, lo, hi)
-            else:
-                oi = out_i32[o : o + c_n]
-                for c in range(c_n):
-                    oi[c] = acc[c]
-        finish(counters)
-
-
-#: Elements of one output row processed per block by `_depthwise_s1` (acc stays in L1).
-DW_BLOCK = 2048
-
-
-@njit(**JIT)
-def _depthwise_s1(
-    counters, buf, wexp, kh, kw, sh, dh, dw, oh_n, ow_n, colx, mode, out_i32, out_q, multx,
-    y_zp, q_lo, q_hi,
-):
-    """Depthwise conv with horizontal stride 1 over a padded NHWC buffer, one output row
-    per task. With stride 1 a tap's inputs for a whole output row are one contiguous
-    span (ow*C + c), so every tap is a single long vectorized multiply-add over the row,
-    against weights tiled along the row at plan time (`wexp[t, ow*C + c] = wt[t, c]`);
-    per-pixel loops over a few dozen channels spent their time in loop overhead.
-    `colx`/`multx` are the column term and multipliers tiled the same way.
-    """
-    nb, hp, wp, c_n = buf.shape
-    row_len = ow_n * c_n
-    bf = buf.reshape(-1)
-    lo = np.float32(q_lo - y_zp)
-    hi = np.float32(q_hi - y_zp)
-    zp_f = np.float32(y_zp)
-    acc = np.empty(DW_BLOCK, np.int32)
-    ntasks = nb * oh_n
-    while True:
-        task = claim(counters)
-        if task >= ntasks:
-            break
-        bi = task // oh_n
-        oh = task - bi * oh_n
-        obase = (bi * oh_n + oh) * row_len
-        for k0 in range(0, row_len, DW_BLOCK):
-            kn = min(DW_BLOCK, row_len - k0)
-            a = acc[:kn]
-            cs = colx[k0 : k0 + kn]
-            if kw == 3:
-                # one pass per kernel row, its three taps summed in registers: a third of
-                # the accumulator stores, and few enough pointers for LLVM to vectorize
-                for i in range(kh):
-                    xo = (bi * hp + oh * sh + i * dh) * wp * c_n + k0
-                    d = dw * c_n
-                    x0 = bf[xo : xo + kn]
-                    x1 = bf[xo + d : xo + d + kn]
-                    x2 = bf[xo + 2 * d : xo + 2 * d + kn]
-                    w0 = wexp[3 * i, k0 : k0 + kn]
-                    w1 = wexp[3 * i + 1, k0 : k0 + kn]
-                    w2 = wexp[3 * i + 2, k0 : k0 + kn]
-                    if i == 0:
-                        for k in range(kn):
-                            a[k] = (
-                                cs[k]
-                                + np.int32(x0[k]) * np.int32(w0[k])
-                                + np.int32(x1[k]) * np.int32(w1[k])
-                                + np.int32(x2[k]) * np.int32(w2[k])
-                            )
-                    else:
-                        for k in range(kn):
-                            a[k] += (
-                                np.int32(x0[k]) * np.int32(w0[k])
-                                + np.int32(x1[k]) * np.int32(w1[k])
-                                + np.int32(x2[k]) * np.int32(w2[k])
-                            )
-            else:
-                for k in range(kn):
-                    a[k] = cs[k]
-                for i in range(kh):
-                    rowb = (bi * hp + oh * sh + i * dh) * wp * c_n + k0
-                    for j in range(kw):
-                        xo = rowb + j * dw * c_n
-                        xs = bf[xo : xo + kn]
-                        ws = wexp[i * kw + j, k0 : k0 + kn]
-                        for k in range(kn):
-                            a[k] += np.int32(xs[k]) * np.int32(ws[k])
-            o = obase + k0
-            if mode == 1:
-                oq = out_q[o : o + kn]
-                ms = multx[k0 : k0 + kn]
-                for k in range(kn):
-                    oq[k] = requantize_byte(a[k], ms[k], zp_f, lo, hi)
-            else:
-                oi = out_i32[o : o + kn]
-                for k in range(kn):
-                    oi[k] = a[k]
-        finish(counters)
-
-
-def _depthwise_fast(buf, wt, k2, s2, d2, o2, col, mode, rows_out, mult, y_zp, info) -> None:
-    """Integer / 8-bit depthwise over the padded channels-last buffer (row kernels)."""
-    flat = rows_out.reshape(-1)
-    args_out = (
-        flat if mode == OUT_INT32 else _EMPTY_I32,
-        flat.view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY_U8,
-    )
-    tail = (np.int64(y_zp), np.int64(info.min), np.int64(info.max))
-    b, c_out = buf.shape[0], buf.shape[3]
-    ntasks = b * o2[0]
-    work = b * c_out * o2[0] * o2[1] * wt.shape[0] * DEPTHWISE_WORK
-    if s2[1] == 1:
-        run_tasks(_depthwise_s1, ntasks, work, buf, np.ascontiguousarray(np.tile(wt, (1, o2[1]))),
-                  np.int64(k2[0]), np.int64(k2[1]), np.int64(s2[0]), np.int64(d2[0]),
-                  np.int64(d2[1]), np.int64(o2[0]), np.int64(o2[1]), np.tile(col, o2[1]),
-                  np.int64(mode), *args_out, np.tile(mult, o2[1]), *tail)
+def _conv_depthwise(x4, x_zp, packed, k2, s2, d2, b2, o2, out, mode, info, bias, mult, y_zp,
+                    fscale, fbias) -> None:
+    """2-D (and 1-D as H = 1) depthwise convolution of NCHW x4 into out [B, C_out, *O]: one
+    transposing copy into the kernel's unpadded channels-last input (channels repeated for
+    channel multipliers > 1), the depthwise kernel writes channels-last rows, one
+    transpose makes NCHW (both 16 x 64 byte tiles in registers, depthwise.py). The
+    kernel's launch is memoized per input shape."""
+    b, c_in, h, w = x4.shape
+    c_out = packed.c_out
+    mpg = c_out // packed.groups
+    cs = channel_stride(c_out)
+    consts = (bias, mult, fscale, fbias)
+    shape_key = ("dw", x4.shape, x4.dtype.str, s2, d2, b2, out.dtype.str, x_zp, y_zp)
+    # the same constant arrays as last time (a session's): no need to hash their bytes
+    fast_key = (shape_key, *map(id, consts))
+    hit = packed.memo.get(fast_key)
+    if hit is not None and all(a is b for a, b in zip(hit[1], consts, strict=True)):
+        launch = hit[0]
     else:
-        run_tasks(_depthwise_rows, ntasks, work, buf, wt, np.int64(k2[0]), np.int64(k2[1]),
-                  np.int64(s2[0]), np.int64(s2[1]), np.int64(d2[0]), np.int64(d2[1]),
-                  np.int64(o2[0]), np.int64(o2[1]), col, np.int64(mode), *args_out, mult, *tail)
+        key = (shape_key,
+               *(None if v is None else np.asarray(v).tobytes() for v in consts))
+        launch = packed.memo.get(key)
+        if launch is None:
+            launch = DepthwiseLaunch(
+                packed.centered, k2, s2, d2, b2, (b, h, w, cs), o2, x_zp=x_zp,
+                signed=x4.dtype == np.int8, mode=mode, bias=bias, mult=mult, y_zp=y_zp,
+                q_range=(int(info.min), int(info.max)), fscale=fscale, fbias=fbias)
+        if len(packed.memo) > 32:
+            packed.memo.clear()
+        packed.memo[key] = launch
+        packed.memo[fast_key] = (launch, consts)
+    x8 = x4.view(np.uint8)
+    rows_out = np.empty((b, o2[0] * o2[1], c_out), out.dtype)
+    launch.run(planes_to_pixels(np.repeat(x8, mpg, axis=1) if mpg > 1 else x8, cs), rows_out)
+    if out.dtype.itemsize == 1:
+        pixels_to_planes(rows_out, out)
+    else:
+        _to_nchw(rows_out, out)
