@@ -160,13 +160,12 @@ def test_conv_nhwc_plans_and_buffers(kernels, x_dtype, c_in, c_out, group, k, st
                                      rng, monkeypatch):
     """conv_nhwc against the naive conv: planned once per shape, padded buffers reused
     (border filled once with the zero point), new data and a new shape both right."""
-    from qlinear.runtime.kernels.nhwc import conv_nhwc, depthwise_weights
+    from qlinear.runtime.kernels.nhwc import conv_nhwc
 
     monkeypatch.setenv("QLINEAR_KERNELS", kernels)
     w = _rand(rng, (c_out, c_in // group, *k), np.int8)
     w_zp = rng.integers(-5, 6, c_out)
     packed = pack_conv_weights(w, w_zp, group)
-    dw = depthwise_weights(w, w_zp, group)
     info = np.iinfo(x_dtype)
     x_zp = int(rng.integers(info.min, info.max + 1))
     bias = rng.integers(-1000, 1000, c_out).astype(np.int32)
@@ -177,11 +176,10 @@ def test_conv_nhwc_plans_and_buffers(kernels, x_dtype, c_in, c_out, group, k, st
         xt = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         geometry = dict(group=group, strides=stride, dilations=dil, begin=begin, end=end)
         acc = naive.conv_integer(x, x_zp, w, w_zp, **geometry)
-        got = conv_nhwc(xt, x_zp, packed, stride, dil, begin, end, out_dtype=np.int32,
-                        dw_weights=dw)
+        got = conv_nhwc(xt, x_zp, packed, stride, dil, begin, end, out_dtype=np.int32)
         np.testing.assert_array_equal(got, acc.transpose(0, 2, 3, 1))
         acc_b = (acc.astype(np.int64) + bias.reshape(1, -1, 1, 1)).astype(np.int32)
         want = naive.requantize(np.moveaxis(acc_b, 1, -1), mult, 7, x_dtype)
         got = conv_nhwc(xt, x_zp, packed, stride, dil, begin, end, out_dtype=x_dtype, bias=bias,
-                        mult=mult, y_zp=7, dw_weights=dw)
+                        mult=mult, y_zp=7)
         np.testing.assert_array_equal(got, want)

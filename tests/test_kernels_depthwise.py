@@ -21,7 +21,7 @@ from numba.extending import intrinsic
 
 from qlinear.runtime.kernels import config, depthwise
 from qlinear.runtime.kernels.conv import conv, pack_conv_weights
-from qlinear.runtime.kernels.nhwc import conv_nhwc, depthwise_weights
+from qlinear.runtime.kernels.nhwc import conv_nhwc
 from qlinear.runtime.kernels.requant import OUT_QUANTIZED
 
 
@@ -85,11 +85,10 @@ def test_depthwise_nhwc_and_nchw_match_naive(case):
     assert packed.depthwise
     geo = (case["strides"], case["dil"], case["begin"], case["end"])
     xt = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-    dw = depthwise_weights(w, w_zp, case["c_in"])
-    got = conv_nhwc(xt, x_zp, packed, *geo, out_dtype=np.int32, dw_weights=dw)
+    got = conv_nhwc(xt, x_zp, packed, *geo, out_dtype=np.int32)
     np.testing.assert_array_equal(got, acc.transpose(0, 2, 3, 1))
     got = conv_nhwc(xt, x_zp, packed, *geo, out_dtype=case["y_dtype"], bias=bias, mult=mult,
-                    y_zp=y_zp, dw_weights=dw)
+                    y_zp=y_zp)
     np.testing.assert_array_equal(got, q.transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(conv(x, x_zp, packed, *geo), acc)
     got = conv(x, x_zp, packed, *geo, out_dtype=case["y_dtype"], bias=bias, mult=mult, y_zp=y_zp)
@@ -182,7 +181,7 @@ def test_nhwc_reads_input_in_place_when_channels_allow():
         for dtype in (np.uint8, np.int8):
             x = _rand(rng, (1, 6, 6, c), dtype)
             plan = _plan(x, 0, packed, (1, 1), (1, 1), (1, 1), (1, 1), np.dtype(np.int32), None,
-                         None, 0, None)
+                         None, 0)
             assert plan.kind == "dw" and bool(plan.dw_multiplier) == copies
 
 

@@ -19,6 +19,7 @@ of the general path, and the depthwise launch, are memoized per input shape.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -196,7 +197,7 @@ def conv(
     out = np.empty((b, packed.c_out, *osp), out_dtype)
     shift = ACT_SHIFT[x.dtype]
     info = np.iinfo(out_dtype) if mode == OUT_QUANTIZED else np.iinfo(np.uint8)
-    pix = int(np.prod(osp))
+    pix = math.prod(osp)
     if len(sp) <= 2:
         # 1-D runs as 2-D with H = 1
         x4 = x.reshape(b, x.shape[1], 1, sp[0]) if len(sp) == 1 else x

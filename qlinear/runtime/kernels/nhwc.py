@@ -45,18 +45,6 @@ from qlinear.runtime.kernels.requant import (
 _MODES = {np.dtype(np.int32): OUT_INT32, np.dtype(np.float32): OUT_FLOAT}
 
 
-def depthwise_weights(w: np.ndarray, w_zp: np.ndarray, groups: int) -> np.ndarray | None:
-    """Centered 2-D depthwise weights as int32 [taps, C_out] (channels innermost), or None
-    when the convolution is not depthwise. `conv_nhwc` no longer needs them (the packed
-    weights carry the depthwise form); kept for the operators that pass them."""
-    c_out, cg = w.shape[:2]
-    if cg != 1 or groups <= 1 or w.ndim != 4:
-        return None
-    zp = np.broadcast_to(np.asarray(w_zp, np.int32).reshape(-1), (c_out,))
-    centered = w.reshape(c_out, -1).astype(np.int32) - zp[:, None]
-    return np.ascontiguousarray(centered.T)
-
-
 _U = np.uint64  # unsigned indices: numba then skips negative-index fix-ups and vectorizes
 
 
@@ -159,7 +147,6 @@ def _plan(
     bias: np.ndarray | None,
     mult: np.ndarray | None,
     y_zp: int,
-    dw_weights: np.ndarray | None,
 ) -> _ConvPlan:
     b, h, w, _ = x.shape
     osp = output_spatial((h, w), packed.kernel, strides, dilations, begin, end)
@@ -201,7 +188,7 @@ def _plan(
         return plan
     pw = packed.gemm
     if pw is None:
-        raise ValueError("depthwise convolution needs its depthwise_weights")
+        raise ValueError("convolution weights were packed without their GEMM form")
     cgp = pw.c4 * 4
     groups = packed.groups
     cg = packed.c_in // groups
@@ -250,14 +237,12 @@ def conv_nhwc(
     bias: np.ndarray | None = None,
     mult: np.ndarray | None = None,
     y_zp: int = 0,
-    dw_weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """2-D convolution of x [B, H, W, C] (uint8/int8) with prepacked weights -> [B, OH, OW, M].
 
     out_dtype int32 (ConvInteger) or uint8/int8 (requantized with `mult`, `y_zp`);
     `bias` is int32 per output channel, added to the accumulator. Depthwise packed
-    weights (`packed.centered`) run the depthwise kernel; otherwise `packed.gemm` is used
-    (`dw_weights` is accepted for compatibility and no longer needed).
+    weights (`packed.centered`) run the depthwise kernel; otherwise `packed.gemm` is used.
     Everything that depends only on shapes and parameters is planned once per input
     shape (memoized on `packed`), so a call is one copy (only when padding is needed)
     and one numba launch.
@@ -268,7 +253,7 @@ def conv_nhwc(
         raise ValueError(f"NHWC input {x.shape} does not match weights (C_in={packed.c_in})")
     out_dtype = np.dtype(out_dtype)
     shape_key = (x.shape, x.dtype.str, strides, dilations, begin, end, out_dtype.str,
-                 int(x_zp), int(y_zp), dw_weights is not None, config.kernel_choice())
+                 int(x_zp), int(y_zp), config.kernel_choice())
     # fast key: the same bias/multiplier objects as last time (a session's constants);
     # the content key (bytes) only when they are new objects
     fast_key = (shape_key, id(bias), id(mult))
@@ -282,7 +267,7 @@ def conv_nhwc(
         plan = packed.memo.get(key)
         if plan is None:
             plan = _plan(x, x_zp, packed, strides, dilations, begin, end, out_dtype, bias,
-                         mult, y_zp, dw_weights)
+                         mult, y_zp)
         if len(packed.memo) > 32:
             packed.memo.clear()
         packed.memo[key] = plan

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from qlinear.runtime.kernels.conv import conv, pack_conv_weights, resolve_pads
-from qlinear.runtime.kernels.nhwc import conv_nhwc, depthwise_weights, max_pool_nhwc
+from qlinear.runtime.kernels.nhwc import conv_nhwc, max_pool_nhwc
 from qlinear.runtime.kernels.patches import conv_patches
 from qlinear.runtime.kernels.requant import output_multiplier
 from qlinear.runtime.ops.quantized import (
@@ -40,7 +40,7 @@ def _nchw_shape(x: np.ndarray) -> tuple[int, ...]:
 
 
 class _PackedConv:
-    """Weights packed once (constant W and zero point) or per call, plus depthwise form."""
+    """Weights packed once (constant W and zero point) or per call."""
 
     def __init__(self, spec: NodeSpec, w_index: int, zp_index: int) -> None:
         w = spec.const(w_index)
@@ -52,8 +52,7 @@ class _PackedConv:
         if w.dtype not in _INT8:
             raise TypeError(f"W must be uint8 or int8, got {w.dtype}")
         zp_vec = column_vector(zp, w.shape[0], "w_zero_point", np.int32)
-        packed = pack_conv_weights(w, zp_vec, self.attrs.group)
-        return packed, depthwise_weights(w, zp_vec, self.attrs.group)
+        return pack_conv_weights(w, zp_vec, self.attrs.group)
 
     def get(self, w: np.ndarray, zp: np.ndarray | None):
         return self._cached if self._cached is not None else self._pack(w, zp)
@@ -85,7 +84,7 @@ def _ms_qlinear_conv(spec: NodeSpec) -> Kernel:
             bias: np.ndarray | None = None) -> np.ndarray:
         if x.dtype not in _INT8:
             raise TypeError(f"x must be uint8 or int8, got {x.dtype}")
-        packed, dw = weights.get(w, w_zp)
+        packed = weights.get(w, w_zp)
         c_out = packed.c_out
         mult = mult_const if mult_const is not None else output_multiplier(
             x_scale, column_vector(w_scale, c_out, "w_scale", np.float32), y_scale, c_out)
@@ -111,7 +110,7 @@ def _ms_qlinear_conv(spec: NodeSpec) -> Kernel:
                         y_zp=scalar_zero_point(y_zp, "y_zero_point"))
         return conv_nhwc(x, scalar_zero_point(x_zp, "x_zero_point"), packed, strides, dilations,
                          begin, end, out_dtype=out_dtype, bias=b32, mult=mult,
-                         y_zp=scalar_zero_point(y_zp, "y_zero_point"), dw_weights=dw)
+                         y_zp=scalar_zero_point(y_zp, "y_zero_point"))
 
     return run
 
@@ -126,10 +125,10 @@ def _conv_integer_nhwc(spec: NodeSpec) -> Kernel:
     def run(x: np.ndarray, w: np.ndarray, x_zp: np.ndarray | None = None,
             w_zp: np.ndarray | None = None) -> np.ndarray:
         _check_x(x)
-        packed, dw = weights.get(w, w_zp)
+        packed = weights.get(w, w_zp)
         strides, dilations, begin, end = weights.attrs.resolve(_nchw_shape(x), w.shape)
         return conv_nhwc(x, scalar_zero_point(x_zp, "x_zero_point"), packed, strides, dilations,
-                         begin, end, out_dtype=np.int32, dw_weights=dw)
+                         begin, end, out_dtype=np.int32)
 
     return run
 
