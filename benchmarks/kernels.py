@@ -7,7 +7,8 @@ never hold live thread pools at once. ORT sessions use intra_op_num_threads=2; n
 uses 2 threads. Reported: median ms, GOPS (2*MACs/time), ratio qlinear/ORT (>1 means
 qlinear is faster). GEMM rows are QLinearMatMul (B constant, per-tensor), conv rows are
 QLinearConv (W constant, per-channel scales; NCHW), "nhwc" rows com.microsoft.QLinearConv
-channels_last=1 (what optimized CNN graphs run). "s8" rows use int8 activations/outputs.
+channels_last=1 (what optimized CNN graphs run), including MobileNetV2's pointwise convs
+("MBv2 1x1 A->B @H": narrow outputs, small K). "s8" rows use int8 activations/outputs.
 The last line is the first-call time in a fresh process with a warm on-disk numba cache.
 """
 
@@ -70,10 +71,22 @@ def conv_rows() -> list[dict]:
     return rows
 
 
+#: MobileNetV2 (224x224) pointwise convolutions: narrow outputs and small K.
+MBV2_POINTWISE = [
+    (32, 16, 112), (16, 96, 112), (96, 24, 56), (24, 144, 56), (144, 24, 56), (144, 32, 28),
+    (32, 192, 28), (192, 32, 28), (64, 384, 14), (384, 64, 14), (96, 576, 14), (576, 96, 14),
+    (160, 960, 7), (960, 160, 7), (320, 1280, 7),
+]
+
+
 def nhwc_rows() -> list[dict]:
     """The convolutions optimized CNN graphs run: com.microsoft.QLinearConv channels_last=1."""
-    return [dict(r, kind="conv", layout="nhwc", name=r["name"] + " nhwc")
+    rows = [dict(r, kind="conv", layout="nhwc", name=r["name"] + " nhwc")
             for r in conv_rows() if r["act"] == "u8"]
+    for cin, cout, hw in MBV2_POINTWISE:
+        rows.append(dict(kind="conv", layout="nhwc", name=f"MBv2 1x1 {cin}->{cout} @{hw}",
+                         cin=cin, cout=cout, hw=hw, k=1, stride=1, group=1, act="u8"))
+    return rows
 
 
 def macs(row: dict) -> int:

@@ -187,3 +187,179 @@ def test_gemm_constant_batched_weights(use_vnni, rng):
     got = gemm(a, 11, packed, out_dtype=np.float32, fscale=fscale, use_vnni=use_vnni)
     want = naive.matmul_integer(a, 11, b, 3).astype(np.float32) * fscale
     np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- narrow tiles
+# Panels with <= 48 real columns run the narrow VNNI tiles (12x16, 6x32, 8x48 rows x
+# columns), the epilogue is fused into the micro-kernel, and a block's last rows repeat
+# the last real row. These aim at the boundaries of all of that.
+
+NARROW_N = st.one_of(
+    st.integers(1, 40),
+    st.sampled_from([15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 79, 80, 81, 96, 112, 113,
+                     127, 128, 129, 144, 160, 176]),
+)
+OUT_MODES = [np.int32, np.uint8, np.int8, np.float32]
+
+
+def _want(acc, out_dtype, bias, mult, y_zp, fscale, fbias):
+    if bias is not None:
+        acc = (acc.astype(np.int64) + bias).astype(np.int32)
+    if out_dtype == np.float32:
+        return acc.astype(np.float32) * fscale + fbias
+    if out_dtype == np.int32:
+        return acc
+    return naive.requantize(acc, mult, y_zp, out_dtype)
+
+
+@pytest.mark.parametrize("use_vnni", PATHS)
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 50), k=st.integers(1, 40), n=NARROW_N,
+       a_dtype=st.sampled_from([np.uint8, np.int8]), b_dtype=st.sampled_from([np.int8, np.uint8]),
+       out_dtype=st.sampled_from(OUT_MODES), per_column=st.booleans(),
+       y_scale=st.sampled_from([1e-7, 1e-3, 0.05, 3.0, 1e5]), seed=st.integers(0, 2**32 - 1))
+def test_narrow_tiles_small_k_match_naive(use_vnni, m, k, n, a_dtype, b_dtype, out_dtype,
+                                          per_column, y_scale, seed):
+    """Narrow N, tiny/odd K, M not a multiple of any tile height, distinct per-column
+    weight zero points (row-sum path), all output modes, saturation both ways."""
+    rng = np.random.default_rng(seed)
+    a = _rand(rng, (m, k), a_dtype)
+    b = _rand(rng, (k, n), b_dtype)
+    a_zp = int(_zp(rng, a_dtype))
+    b_zp = _zp(rng, b_dtype, n) if per_column else _zp(rng, b_dtype)
+    bias = rng.integers(-(2**18), 2**18, n).astype(np.int32)
+    mult = output_multiplier(np.float32(0.02), rng.uniform(1e-3, 1e-1, n).astype(np.float32),
+                             np.float32(y_scale), n)
+    fscale = rng.uniform(1e-4, 1e-2, n).astype(np.float32)
+    fbias = rng.normal(size=n).astype(np.float32)
+    y_zp = int(_zp(rng, out_dtype)) if out_dtype in (np.uint8, np.int8) else 0
+    kwargs = {np.int32: dict(bias=bias), np.float32: dict(fscale=fscale, fbias=fbias)}.get(
+        out_dtype, dict(bias=bias, mult=mult, y_zp=y_zp))
+    out = gemm(a, a_zp, pack_matrix(b, b_zp), out_dtype=out_dtype, use_vnni=use_vnni, **kwargs)
+    want = _want(naive.matmul_integer(a, a_zp, b, b_zp), out_dtype,
+                 None if out_dtype == np.float32 else bias, mult, y_zp, fscale, fbias)
+    np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("use_vnni", PATHS)
+@pytest.mark.parametrize("out_dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("mult", [0.5, 0.25, 1.0 / 3.0, 1.5, 7e-3])
+def test_fused_requantization_rounds_like_requantize_byte(use_vnni, out_dtype, mult):
+    """Every accumulator in [-1500, 1500) through the fused epilogue: half-way cases
+    (mult 0.5, 0.25, 1.5) round to even, both clamps, every lane and tile shape."""
+    from qlinear.runtime.kernels.requant import requantize_array
+
+    m, n = 30, 100  # full panel + 36-column narrow panel, 30 rows: 6x64 and 8x48 tiles
+    a = (np.arange(m) + 100).astype(np.uint8)[:, None]
+    b = np.ones((1, n), np.int8)
+    bias = (np.arange(n) * m - 1500).astype(np.int32)  # acc = a - 100 + bias covers the range
+    mults = np.full(n, mult, np.float32)
+    info = np.iinfo(out_dtype)
+    for y_zp in (info.min, 0, info.max // 2, info.max):
+        got = gemm(a, 100, pack_matrix(b, 0), out_dtype=out_dtype, bias=bias, mult=mults,
+                   y_zp=y_zp, use_vnni=use_vnni)
+        acc = (np.arange(m)[:, None] + bias[None, :]).astype(np.int32)
+        want = np.empty((m, n), np.int32)
+        requantize_array(acc, mults, y_zp, info.min, info.max, want)
+        np.testing.assert_array_equal(got, want.astype(out_dtype))
+        np.testing.assert_array_equal(got, naive.requantize(acc, mults, y_zp, out_dtype))
+
+
+@pytest.mark.parametrize("use_vnni", PATHS)
+@pytest.mark.parametrize("n", [5, 16, 24, 40, 64, 100])
+@pytest.mark.parametrize("out_dtype", [np.int32, np.uint8, np.float32])
+def test_strided_output_raw_tiles(use_vnni, n, out_dtype, rng):
+    """out_col_stride != 1 (column-major output): the raw int32 tile of every tile shape
+    (narrow ones repeating rows) goes through the numba epilogue."""
+    from qlinear.runtime.kernels.gemm import run_packed
+    from qlinear.runtime.kernels.requant import OUT_FLOAT, OUT_INT32, OUT_QUANTIZED
+
+    m, k = 29, 11
+    kp = 12
+    a = _rand(rng, (m, k), np.uint8)
+    b = _rand(rng, (k, n), np.int8)
+    b_zp = _zp(rng, np.int8, n)
+    buf = np.zeros((m, kp), np.uint8)
+    buf[:, :k] = a
+    packed = pack_matrix(b, b_zp)
+    bias = rng.integers(-1000, 1000, n).astype(np.int32)
+    mult = np.full(n, 0.01, np.float32)
+    fscale = rng.uniform(1e-3, 1e-1, n).astype(np.float32)
+    mode = {np.int32: OUT_INT32, np.uint8: OUT_QUANTIZED, np.float32: OUT_FLOAT}[out_dtype]
+    out = np.zeros(n * m, out_dtype)
+    rows = np.arange(m, dtype=np.int64)
+    run_packed(buf.reshape(-1), rows * kp, 0, np.zeros(1, np.int64), 9, packed, mode=mode,
+               out=out.view(np.int32) if out_dtype == np.int32 else out,
+               out_row_off=rows, out_col_stride=m, bias=bias, mult=mult, y_zp=3,
+               fscale=fscale, use_vnni=use_vnni)
+    acc = naive.matmul_integer(a, 9, b, b_zp)
+    want = _want(acc, out_dtype, bias, mult, 3, fscale, np.zeros(n, np.float32))
+    np.testing.assert_array_equal(out.reshape(n, m).T, want)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "portable"])
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("c_in,c_out,stride", [(32, 16, 1), (16, 24, 1), (3, 40, 2), (24, 96, 1),
+                                               (20, 8, 2), (8, 113, 1)])
+def test_conv_nhwc_1x1_narrow_outputs(kernels, x_dtype, c_in, c_out, stride, rng, monkeypatch):
+    """Pointwise NHWC convolutions (MobileNet shapes, scaled down): narrow C_out, small
+    C_in, distinct per-channel weight zero points, output pixels not a tile multiple."""
+    from qlinear.runtime.kernels.conv import pack_conv_weights
+    from qlinear.runtime.kernels.nhwc import conv_nhwc
+
+    monkeypatch.setenv("QLINEAR_KERNELS", kernels)
+    w = _rand(rng, (c_out, c_in, 1, 1), np.int8)
+    w_zp = rng.integers(-20, 21, c_out)
+    packed = pack_conv_weights(w, w_zp, 1)
+    info = np.iinfo(x_dtype)
+    x_zp = int(rng.integers(info.min, info.max + 1))
+    bias = rng.integers(-5000, 5000, c_out).astype(np.int32)
+    mult = rng.uniform(1e-4, 1e-2, c_out).astype(np.float32)
+    x = _rand(rng, (1, c_in, 13, 11), x_dtype)
+    xt = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    st2 = (stride, stride)
+    geometry = dict(strides=st2, begin=(0, 0), end=(0, 0))
+    acc = naive.conv_integer(x, x_zp, w, w_zp, **geometry)
+    got = conv_nhwc(xt, x_zp, packed, st2, (1, 1), (0, 0), (0, 0), out_dtype=np.int32)
+    np.testing.assert_array_equal(got, acc.transpose(0, 2, 3, 1))
+    acc_b = (acc.astype(np.int64) + bias.reshape(1, -1, 1, 1)).astype(np.int32)
+    want = naive.requantize(np.moveaxis(acc_b, 1, -1), mult, -3 if x_dtype == np.int8 else 9,
+                            x_dtype)
+    got = conv_nhwc(xt, x_zp, packed, st2, (1, 1), (0, 0), (0, 0), out_dtype=x_dtype,
+                    bias=bias, mult=mult, y_zp=-3 if x_dtype == np.int8 else 9)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_generic_fallback_without_vnni_is_exact(monkeypatch, rng):
+    """Without AVX512-VNNI, asking LLVM for vpdpbusd aborts the process, so the kernels
+    then emit a generic widening multiply-add. Built here as if the host lacked VNNI
+    (that IR runs on any CPU): no vpdpbusd in it, and bit-exact results."""
+    from numba import njit
+
+    from qlinear.runtime.kernels import vnni
+    from qlinear.runtime.kernels.gemm import pack_weights
+
+    monkeypatch.setattr(vnni, "host_has_vnni", lambda: False)
+    kernel = vnni._make_tile_kernel(vnni.NARROW_ROWS[1], 1)
+
+    @njit
+    def run(a, row_off, taps, c4, b, col, mult, qf, out_off, m, ncols, out_q):
+        e_i = np.empty(0, np.int32)
+        e_f = np.empty(0, np.float32)
+        tile = np.empty(vnni.TILE_ROWS * 64, np.int32)
+        kernel(a, row_off, 0, m, 0, taps, c4, 4, b, 0, tile, 1, ncols, col, e_i, 0, e_i, 0,
+               False, out_off, 0, e_i, out_q, e_f, mult, e_f, e_f, qf)
+
+    m, k, n = 29, 20, 13  # two full 12-row tiles and one repeating its last row
+    a = _rand(rng, (m, k), np.uint8)
+    b = _rand(rng, (k, n), np.int8)
+    packed = pack_weights(b[None, None], 0)
+    mult = np.zeros(64, np.float32)
+    mult[:n] = rng.uniform(1e-3, 1e-2, n)
+    out = np.zeros((m, n), np.uint8)
+    run(a.reshape(-1), np.arange(m, dtype=np.int64) * k, np.zeros(1, np.int64), k // 4,
+        packed.data, np.zeros(64, np.int32), mult, np.array([5, -5, 250], np.float32),
+        np.arange(m, dtype=np.int64) * n, m, n, out.reshape(-1))
+    assert "llvm.x86.avx512.vpdpbusd" not in "".join(run.inspect_llvm().values())
+    want = naive.requantize(naive.matmul_integer(a, 0, b, 0), mult[:n], 5, np.uint8)
+    np.testing.assert_array_equal(out, want)

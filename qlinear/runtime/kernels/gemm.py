@@ -44,13 +44,18 @@ from qlinear.runtime.kernels.requant import (
 )
 from qlinear.runtime.kernels.vnni import (
     MAX_ROWS,
+    NARROW_ROWS,
     TILE_COLS,
+    TILE_ROWS,
     vnni_tile_1x64,
     vnni_tile_2x64,
     vnni_tile_3x64,
     vnni_tile_4x64,
     vnni_tile_5x64,
+    vnni_tile_6x32,
     vnni_tile_6x64,
+    vnni_tile_8x48,
+    vnni_tile_12x16,
 )
 
 ACT_SHIFT = {np.dtype(np.uint8): 0, np.dtype(np.int8): 128}
@@ -176,21 +181,71 @@ def _portable_tile(a, row_off, taps, c4, a_step, b, b_off, tile, rows):
 
 
 @njit(inline="always", **JIT)
-def _tile(a, row_off, taps, c4, a_step, b, b_off, tile, rows, use_vnni):
-    if not use_vnni:
-        _portable_tile(a, row_off, taps, c4, a_step, b, b_off, tile, rows)
-    elif rows == 6:
-        vnni_tile_6x64(a, row_off, taps, c4, a_step, b, b_off, tile)
-    elif rows == 5:
-        vnni_tile_5x64(a, row_off, taps, c4, a_step, b, b_off, tile)
-    elif rows == 4:
-        vnni_tile_4x64(a, row_off, taps, c4, a_step, b, b_off, tile)
-    elif rows == 3:
-        vnni_tile_3x64(a, row_off, taps, c4, a_step, b, b_off, tile)
-    elif rows == 2:
-        vnni_tile_2x64(a, row_off, taps, c4, a_step, b, b_off, tile)
+def _tile(
+    nvec,
+    a, row_off, m_begin, m_end, a_base, taps, c4, a_step, b, b_off, tile, emode, ncols, col,
+    bzp, p0, rowsum, rs0, use_rowsum, out_row_off, o_col0, out_i32, out_q, out_f, mult,
+    fscale, fbias, qf,
+):
+    """VNNI tiles over rows [m_begin, m_end): `nvec` zmm per row (1..3: the narrow tiles of
+    NARROW_ROWS[nvec] rows; 4: 6 x 64, or exactly m_end - m_begin < 6 rows), epilogue
+    fused (emode 0/1/2) or the raw int32 tile (emode -1, one tile); see vnni.py.
+    One call per (task, panel) runs all the task's rows (the row loop is in the kernel)."""
+    n = m_end - m_begin
+    if nvec == 1:
+        vnni_tile_12x16(
+            a, row_off, m_begin, m_end, a_base, taps, c4, a_step, b, b_off, tile, emode, ncols, col,
+            bzp, p0, rowsum, rs0, use_rowsum, out_row_off, o_col0, out_i32, out_q, out_f, mult,
+            fscale, fbias, qf,
+        )
+    elif nvec == 2:
+        vnni_tile_6x32(
+            a, row_off, m_begin, m_end, a_base, taps, c4, a_step, b, b_off, tile, emode, ncols, col,
+            bzp, p0, rowsum, rs0, use_rowsum, out_row_off, o_col0, out_i32, out_q, out_f, mult,
+            fscale, fbias, qf,
+        )
+    elif nvec == 3:
+        vnni_tile_8x48(
+            a, row_off, m_begin, m_end, a_base, taps, c4, a_step, b, b_off, tile, emode, ncols, col,
+            bzp, p0, rowsum, rs0, use_rowsum, out_row_off, o_col0, out_i32, out_q, out_f, mult,
+            fscale, fbias, qf,
+        )
+    elif n >= 6:
+        vnni_tile_6x64(
+            a, row_off, m_begin, m_end, a_base, taps, c4, a_step, b, b_off, tile, emode, ncols, col,
+            bzp, p0, rowsum, rs0, use_rowsum, out_row_off, o_col0, out_i32, out_q, out_f, mult,
+            fscale, fbias, qf,
+        )
+    elif n == 5:
+        vnni_tile_5x64(
+            a, row_off, m_begin, m_end, a_base, taps, c4, a_step, b, b_off, tile, emode, ncols, col,
+            bzp, p0, rowsum, rs0, use_rowsum, out_row_off, o_col0, out_i32, out_q, out_f, mult,
+            fscale, fbias, qf,
+        )
+    elif n == 4:
+        vnni_tile_4x64(
+            a, row_off, m_begin, m_end, a_base, taps, c4, a_step, b, b_off, tile, emode, ncols, col,
+            bzp, p0, rowsum, rs0, use_rowsum, out_row_off, o_col0, out_i32, out_q, out_f, mult,
+            fscale, fbias, qf,
+        )
+    elif n == 3:
+        vnni_tile_3x64(
+            a, row_off, m_begin, m_end, a_base, taps, c4, a_step, b, b_off, tile, emode, ncols, col,
+            bzp, p0, rowsum, rs0, use_rowsum, out_row_off, o_col0, out_i32, out_q, out_f, mult,
+            fscale, fbias, qf,
+        )
+    elif n == 2:
+        vnni_tile_2x64(
+            a, row_off, m_begin, m_end, a_base, taps, c4, a_step, b, b_off, tile, emode, ncols, col,
+            bzp, p0, rowsum, rs0, use_rowsum, out_row_off, o_col0, out_i32, out_q, out_f, mult,
+            fscale, fbias, qf,
+        )
     else:
-        vnni_tile_1x64(a, row_off, taps, c4, a_step, b, b_off, tile)
+        vnni_tile_1x64(
+            a, row_off, m_begin, m_end, a_base, taps, c4, a_step, b, b_off, tile, emode, ncols, col,
+            bzp, p0, rowsum, rs0, use_rowsum, out_row_off, o_col0, out_i32, out_q, out_f, mult,
+            fscale, fbias, qf,
+        )
 
 
 @njit(inline="always", **JIT)
@@ -354,6 +409,15 @@ def _gemm_tiles(
     the row blocks stream past it). A task covers all panels of its group for its rows:
     when the group spans all columns, each thread writes whole output rows, so two
     threads never share an output cache line (panels of narrow outputs used to).
+
+    VNNI, unit-stride output (every hot path): per panel, one micro-kernel call runs
+    the task's rows with the epilogue fused; full panels in 6 x 64 tiles, a last panel
+    with <= 48 real columns in the narrow tile of ceil(cols/16) vectors (vnni.NARROW_ROWS
+    rows; a block's last tile repeats its last real row, or runs as exact rows of the
+    64-column tile when that is cheaper). The task's per-column parameters are first
+    copied to scratch padded to whole panels, so the kernel reads full vectors and masks
+    only its stores. Portable kernel or strided output: 6 x 64 int32 tiles (rows outer,
+    panels inner) and the numba `_epilogue`.
     """
     m_blocks = (m_total + m_block - 1) // m_block
     n_pg = (panels + pg_size - 1) // pg_size
@@ -362,9 +426,23 @@ def _gemm_tiles(
     lo = np.float32(q_lo - y_zp)
     hi = np.float32(q_hi - y_zp)
     zp = np.int32(y_zp)
-    tile = np.empty(MAX_ROWS * TILE_COLS, np.int32)
+    qf = np.empty(3, np.float32)  # the fused requantization's zp, lo, hi (float32)
+    qf[0] = np.float32(zp)
+    qf[1] = lo
+    qf[2] = hi
+    tile = np.empty(TILE_ROWS * TILE_COLS, np.int32)
     scratch = np.empty(3 * TILE_COLS, np.int32)
     offs = np.empty(MAX_ROWS, np.int64)
+    fused = use_vnni and out_col_stride == 1
+    # the task's column parameters, padded with zeros to whole panels
+    npad = (pg_size if use_vnni else 0) * TILE_COLS
+    pcol = np.zeros(npad, np.int32)
+    pbz = np.zeros(npad if use_rowsum else 0, np.int32)
+    pmul = np.zeros(npad if mode == 1 else 0, np.float32)
+    pfs = np.zeros(npad if mode == 2 else 0, np.float32)
+    pfb = np.zeros(npad if mode == 2 else 0, np.float32)
+    staged_g = -1
+    staged_pg = -1
     while True:
         task = claim(counters)
         if task >= ntasks:
@@ -373,43 +451,75 @@ def _gemm_tiles(
         rem = task - g * per_group
         pgi = rem // m_blocks
         mb = rem - pgi * m_blocks
+        p_start = pgi * pg_size
         p_end = min(panels, (pgi + 1) * pg_size)
-        m_end = min(m_total, (mb + 1) * m_block)
-        for m0 in range(mb * m_block, m_end, MAX_ROWS):
-            rows = min(MAX_ROWS, m_end - m0)
-            for r in range(rows):
-                offs[r] = row_off[m0 + r] + g * group_stride
-            for panel in range(pgi * pg_size, p_end):
-                b_off = (g * panels + panel) * panel_bytes
-                n0 = panel * TILE_COLS
-                ncols = min(TILE_COLS, cols - n0)
-                _tile(a, offs, taps, c4, a_step, bpack, b_off, tile, rows, use_vnni)
-                _epilogue(
-                    tile,
-                    rows,
-                    ncols,
-                    m0,
-                    g * cols + n0,
-                    g * m_total,
-                    col_term,
-                    bzp,
-                    rowsum,
-                    use_rowsum,
-                    out_row_off,
-                    g * out_group_stride + n0 * out_col_stride,
-                    out_col_stride,
-                    mode,
-                    out_i32,
-                    out_q,
-                    mult,
-                    zp,
-                    lo,
-                    hi,
-                    out_f,
-                    fscale,
-                    fbias,
-                    scratch,
-                )
+        m_begin = mb * m_block
+        m_end = min(m_total, m_begin + m_block)
+        if not fused:
+            for m0 in range(m_begin, m_end, MAX_ROWS):
+                rows = min(MAX_ROWS, m_end - m0)
+                for r in range(rows):
+                    offs[r] = row_off[m0 + r] + g * group_stride
+                for panel in range(p_start, p_end):
+                    b_off = (g * panels + panel) * panel_bytes
+                    n0 = panel * TILE_COLS
+                    ncols = min(TILE_COLS, cols - n0)
+                    if use_vnni:  # the raw int32 tile (emode -1)
+                        _tile(4, a, row_off, m0, m0 + rows, g * group_stride, taps, c4, a_step,
+                              bpack, b_off, tile, -1, ncols, pcol, pbz, 0, rowsum, g * m_total,
+                              use_rowsum, out_row_off, 0, out_i32, out_q, out_f, pmul, pfs,
+                              pfb, qf)
+                    else:
+                        _portable_tile(a, offs, taps, c4, a_step, bpack, b_off, tile, rows)
+                    _epilogue(tile, rows, ncols, m0, g * cols + n0, g * m_total, col_term, bzp,
+                              rowsum, use_rowsum, out_row_off,
+                              g * out_group_stride + n0 * out_col_stride, out_col_stride, mode,
+                              out_i32, out_q, mult, zp, lo, hi, out_f, fscale, fbias, scratch)
+            finish(counters)
+            continue
+        if g != staged_g or pgi != staged_pg:
+            # (unsigned indices: plain vector copies, no negative-index gathers)
+            staged_g = g
+            staged_pg = pgi
+            c0 = _U(g * cols + p_start * TILE_COLS)
+            nreal = _U(min(cols, p_end * TILE_COLS) - p_start * TILE_COLS)
+            for j in range(nreal):
+                pcol[j] = col_term[c0 + j]
+            for j in range(nreal, _U((p_end - p_start) * TILE_COLS)):
+                pcol[j] = 0
+            if use_rowsum:
+                for j in range(nreal):
+                    pbz[j] = bzp[c0 + j]
+            if mode == 1:
+                for j in range(nreal):
+                    pmul[j] = mult[c0 + j]
+            elif mode == 2:
+                for j in range(nreal):
+                    pfs[j] = fscale[c0 + j]
+                    pfb[j] = fbias[c0 + j]
+        for panel in range(p_start, p_end):
+            n0 = panel * TILE_COLS
+            ncols = min(TILE_COLS, cols - n0)
+            nvec = (ncols + 15) // 16
+            step = MAX_ROWS if nvec == 4 else NARROW_ROWS[nvec]
+            # a short remainder runs as exact rows of the 64-column tile when that is
+            # cheaper than a narrow tile repeating its last row
+            m_mid = m_end
+            rem = (m_end - m_begin) % step
+            if rem > 0 and rem * 4 <= step * nvec:
+                m_mid = m_end - rem
+            b_off = (g * panels + panel) * panel_bytes
+            o_col0 = g * out_group_stride + n0
+            p0 = (panel - p_start) * TILE_COLS
+            if m_mid > m_begin:
+                _tile(nvec, a, row_off, m_begin, m_mid, g * group_stride, taps, c4, a_step,
+                      bpack, b_off, tile, mode, ncols, pcol, pbz, p0, rowsum, g * m_total,
+                      use_rowsum, out_row_off, o_col0, out_i32, out_q, out_f, pmul, pfs, pfb,
+                      qf)
+            if m_mid < m_end:
+                _tile(4, a, row_off, m_mid, m_end, g * group_stride, taps, c4, a_step, bpack,
+                      b_off, tile, mode, ncols, pcol, pbz, p0, rowsum, g * m_total, use_rowsum,
+                      out_row_off, o_col0, out_i32, out_q, out_f, pmul, pfs, pfb, qf)
         finish(counters)
 
 
@@ -421,27 +531,31 @@ def _row_sums(a, row_off, group_stride, taps, width, groups, out):
         g = gm // m_total
         m = gm - g * m_total
         base = row_off[m] + g * group_stride
-        s = np.int64(0)
+        s = np.int32(0)  # < 2^31 for any K below 8M
         for t in range(taps.shape[0]):
             p = base + taps[t]
+            seg = a[p : p + width]  # a slice loop from 0 vectorizes; a[p + c] did not
             for c in range(width):
-                s += a[p + c]
-        out[gm] = np.int32(s)
+                s += np.int32(seg[c])
+        out[gm] = s
 
 
 @njit(**JIT)
-def _pack_row_tiles(counters, a, flip, out, rowsum):
+def _pack_row_tiles(counters, a, a8, flip, out, rowsum):
     """out[g][tile][q][r] = a[g, tile*MR + r, q] ^ flip, on 4-byte words; row sums of the bytes.
 
-    `a` is A viewed as uint32 words [G, M, K/4] (K padded to 4 with zeros, any strides);
-    flip 0x80808080 adds 128 to every byte mod 256 (int8 -> uint8). Rows past M are
-    zero. One task = 8 tiles of one batch entry g.
+    `a` is A viewed as uint32 words [G, M, K/4] (K padded to 4 with zeros, any strides),
+    `a8` the same bytes [G, M, K]; flip 0x80808080 adds 128 to every byte mod 256
+    (int8 -> uint8). Rows past M are zero. One task = 8 tiles of one batch entry g.
+    Row sums are a separate byte loop (vectorized), not shifts of each copied word.
     """
     nb, m_total, k4 = a.shape
+    kb = a8.shape[2]
     tiles = (m_total + MAX_ROWS - 1) // MAX_ROWS
     want = rowsum.shape[0] > 0
     chunks = (tiles + 7) // 8
     ntasks = nb * chunks
+    fb = np.uint8(flip & np.uint32(0xFF))
     while True:
         task = claim(counters)
         if task >= ntasks:
@@ -453,15 +567,15 @@ def _pack_row_tiles(counters, a, flip, out, rowsum):
             for r in range(MAX_ROWS):
                 m = t * MAX_ROWS + r
                 if m < m_total:
-                    s = np.uint32(0)
+                    row = a[g, m]
                     for q in range(k4):
-                        w = a[g, m, q] ^ flip
-                        out[base + q * MAX_ROWS + r] = w
-                        if want:
-                            s += (w & np.uint32(0xFF)) + ((w >> np.uint32(8)) & np.uint32(0xFF))
-                            s += ((w >> np.uint32(16)) & np.uint32(0xFF)) + (w >> np.uint32(24))
+                        out[base + q * MAX_ROWS + r] = row[q] ^ flip
                     if want:
-                        rowsum[g * m_total + m] = np.int32(s)
+                        bytes_ = a8[g, m]
+                        s = np.int32(0)
+                        for kk in range(kb):
+                            s += np.int32(bytes_[kk] ^ fb)
+                        rowsum[g * m_total + m] = s
                 else:
                     for q in range(k4):
                         out[base + q * MAX_ROWS + r] = np.uint32(0)
@@ -470,61 +584,25 @@ def _pack_row_tiles(counters, a, flip, out, rowsum):
 
 @njit(**JIT)
 def _pack_b_panels(counters, b, flip, zp, a_zp, out, colsum, col_term):
-    """Per-call weight packing of B [G, K, N] (uint8 bytes, any strides) into
-    [G][panel][K/4][64][4] int8 (byte ^ flip: uint8 -> int8 is b - 128), plus column sums
-    and the column term -a_zp*colsum + K*a_zp*zp (int32 wrap-around).
+    """Per-call packing of B [G, K, N] (uint8 bytes, any strides: a transposed view of
+    K or of V needs no copy first) into [G][panel][K/4][64] 4-byte words (byte ^ flip:
+    uint8 -> int8 is b - 128), plus column sums and the column term
+    -a_zp*colsum + K*a_zp*zp (int32 wrap-around).
 
     Used for activation x activation products (attention); constant weights go through
-    `pack_weights` once instead. Padding (K to 4, N to 64) is zero. One task per (g, panel).
+    `pack_weights` once instead. Each word gathers 4 consecutive K of one column, the
+    inner loops run over 64 columns (contiguous words out, vectorized sums).
+    Padding (K to 4, N to 64) is zero. One task per (g, panel).
     """
     nb, k, n = b.shape
     panels = (n + TILE_COLS - 1) // TILE_COLS
     k4 = (k + 3) // 4
-    pbytes = k4 * TILE_COLS * 4
+    pwords = k4 * TILE_COLS
     ntasks = nb * panels
     cs = np.empty(TILE_COLS, np.int32)
     cross = np.int32(k * a_zp * zp)
-    while True:
-        task = claim(counters)
-        if task >= ntasks:
-            break
-        g = task // panels
-        p = task - g * panels
-        n0 = p * TILE_COLS
-        nc = min(TILE_COLS, n - n0)
-        base = task * pbytes
-        for j in range(TILE_COLS):
-            cs[j] = 0
-        for q in range(k4):
-            row = base + q * (TILE_COLS * 4)
-            for sub in range(4):
-                kk = 4 * q + sub
-                if kk < k:
-                    for j in range(nc):
-                        v = b[g, kk, n0 + j] ^ flip
-                        out[row + 4 * j + sub] = v
-                        cs[j] += np.int32(v ^ np.uint8(0x80)) - 128
-                    for j in range(nc, TILE_COLS):
-                        out[row + 4 * j + sub] = 0
-                else:
-                    for j in range(TILE_COLS):
-                        out[row + 4 * j + sub] = 0
-        for j in range(nc):
-            colsum[g * n + n0 + j] = cs[j]
-            col_term[g * n + n0 + j] = np.int32(cross - a_zp * cs[j])
-        finish(counters)
-
-
-@njit(**JIT)
-def _pack_bt_panels(counters, bt, flip, zp, a_zp, out, colsum, col_term):
-    """`_pack_b_panels` from B transposed, bt [G, N, K/4] as uint32 words (K % 4 == 0):
-    each packed 4-byte group is one word of bt, so packing is a word copy. Attention's
-    QK^T gets K^T as a transposed view of K, which is exactly this layout (no copy)."""
-    nb, n, k4 = bt.shape
-    panels = (n + TILE_COLS - 1) // TILE_COLS
-    pwords = k4 * TILE_COLS
-    ntasks = nb * panels
-    cross = np.int32(4 * k4 * a_zp * zp)
+    unflip = flip ^ np.uint8(0x80)  # byte ^ unflip = (the int8 value) + 128
+    fw = np.uint32(flip) * np.uint32(0x01010101)
     while True:
         task = claim(counters)
         if task >= ntasks:
@@ -535,24 +613,40 @@ def _pack_bt_panels(counters, bt, flip, zp, a_zp, out, colsum, col_term):
         nc = min(TILE_COLS, n - n0)
         base = task * pwords
         for j in range(TILE_COLS):
-            if j < nc:
-                s = np.int32(0)
-                for q in range(k4):
-                    w = bt[g, n0 + j, q] ^ flip
-                    out[base + q * TILE_COLS + j] = w
-                    # signed bytes: (byte ^ 0x80) - 128, summed as 4 biased bytes
-                    x = w ^ np.uint32(0x80808080)
-                    s += np.int32(
-                        (x & np.uint32(0xFF))
-                        + ((x >> np.uint32(8)) & np.uint32(0xFF))
-                        + ((x >> np.uint32(16)) & np.uint32(0xFF))
-                        + (x >> np.uint32(24))
-                    ) - 512
-                colsum[g * n + n0 + j] = s
-                col_term[g * n + n0 + j] = np.int32(cross - a_zp * s)
-            else:
-                for q in range(k4):
-                    out[base + q * TILE_COLS + j] = np.uint32(0)
+            cs[j] = 0
+        for q in range(k4):
+            o = out[base + q * TILE_COLS : base + (q + 1) * TILE_COLS]
+            kk = 4 * q
+            if kk + 4 <= k:
+                r0 = b[g, kk, n0 : n0 + nc]
+                r1 = b[g, kk + 1, n0 : n0 + nc]
+                r2 = b[g, kk + 2, n0 : n0 + nc]
+                r3 = b[g, kk + 3, n0 : n0 + nc]
+                for j in range(nc):
+                    o[j] = (
+                        np.uint32(r0[j])
+                        | (np.uint32(r1[j]) << np.uint32(8))
+                        | (np.uint32(r2[j]) << np.uint32(16))
+                        | (np.uint32(r3[j]) << np.uint32(24))
+                    ) ^ fw
+                    cs[j] += (
+                        np.int32(r0[j] ^ unflip) + np.int32(r1[j] ^ unflip)
+                        + np.int32(r2[j] ^ unflip) + np.int32(r3[j] ^ unflip)
+                    )
+            else:  # the last, partial group of K: missing bytes are zero weights
+                for j in range(nc):
+                    w = np.uint32(0)
+                    for sub in range(k - kk):
+                        v = b[g, kk + sub, n0 + j]
+                        w |= np.uint32(v ^ flip) << np.uint32(8 * sub)
+                        cs[j] += np.int32(v ^ unflip)
+                    o[j] = w
+            for j in range(nc, TILE_COLS):
+                o[j] = np.uint32(0)
+        for j in range(nc):
+            s = cs[j] - 128 * k
+            colsum[g * n + n0 + j] = s
+            col_term[g * n + n0 + j] = np.int32(cross - a_zp * s)
         finish(counters)
 
 
@@ -563,12 +657,33 @@ _EMPTY_U8 = np.zeros(0, np.uint8)
 _EMPTY_F32 = np.zeros(0, np.float32)
 
 
-def _pick_row_block(m: int, tasks_per_row_block: int) -> int:
-    """Row block (multiple of MR): >= 16 tasks and at most 48 rows, so the last task a
-    thread claims is short (the caller waits for it) while A still stays in L1/L2."""
+#: Epilogue cost of one 16-column vector of one row, in reduction steps (one step = one
+#: vpdpbusd per vector); the fused requantization is ~7 vector ops.
+EPILOGUE_STEPS = 5
+#: Target kernel cost of a task (vpdpbusd-equivalents, ~1.5 us): claiming a task and
+#: staging its column parameters must stay small next to it.
+TASK_COST = 4096
+
+
+def _row_cost(packed: PackedWeights, pg_size: int) -> int:
+    """Cost of one output row of a task (`pg_size` panels), in vpdpbusd-equivalents."""
+    vecs = min(4 * pg_size, -(-packed.cols // 16))
+    return vecs * (packed.taps * packed.c4 + EPILOGUE_STEPS)
+
+
+def _pick_row_block(m: int, tasks_per_row_block: int, row_cost: int = 0) -> int:
+    """Row block (multiple of MR): >= 16 tasks and at most 48 rows (but see below), so the
+    last task a thread claims is short (the caller waits for it) while A stays in L1/L2.
+
+    Cheap rows (small K, narrow N: MobileNet pointwise convs) get longer blocks, up to
+    ~TASK_COST per task, as long as there are still 16 tasks; blocks longer than 48 rows
+    are multiples of 24 rows (every tile height: 6, 8, 12)."""
     want_blocks = max(1, -(-16 // max(tasks_per_row_block, 1)))
-    block = round_up(max(1, -(-m // want_blocks)), MAX_ROWS)
-    return max(MAX_ROWS, min(block, 8 * MAX_ROWS))
+    block = max(1, -(-m // want_blocks))
+    cap = max(8 * MAX_ROWS, TASK_COST // row_cost) if row_cost > 0 else 8 * MAX_ROWS
+    block = min(block, cap)
+    block = block // 24 * 24 if block > 8 * MAX_ROWS else round_up(block, MAX_ROWS)
+    return max(MAX_ROWS, block)
 
 
 def _panel_group(packed: PackedWeights, m: int) -> int:
@@ -622,7 +737,7 @@ class PackedLaunch:
         vnni = config.use_vnni() if use_vnni is None else use_vnni
         pg_size = _panel_group(packed, m_total)
         n_pg = -(-packed.panels // pg_size)
-        m_block = _pick_row_block(m_total, packed.groups * n_pg)
+        m_block = _pick_row_block(m_total, packed.groups * n_pg, _row_cost(packed, pg_size))
         if fscale is not None and fbias is None:
             fbias = np.zeros(ncols_all, np.float32)
         if out_group_stride is None:
@@ -636,8 +751,11 @@ class PackedLaunch:
         )
         m_blocks = -(-m_total // m_block)
         self.ntasks = packed.groups * n_pg * m_blocks
+        # multiply-adds at the kernel's rate: padded K, 16-column vectors, the epilogue;
         # streaming the packed weights costs too (M=1 heads are memory-bound)
-        self.work = m_total * ncols_all * packed.k + packed.data.size * 4
+        steps = packed.taps * packed.c4 + EPILOGUE_STEPS
+        vecs = packed.groups * -(-packed.cols // 16)
+        self.work = m_total * vecs * steps * 64 + packed.data.size * 4
         self.const = (
             row_off,
             np.int64(group_stride),
@@ -668,15 +786,20 @@ class PackedLaunch:
             np.int64(pg_size),
         )
 
-    def run(self, a: np.ndarray, out: np.ndarray, rowsum: np.ndarray | None = None) -> None:
-        """Drive the tiles over activation buffer `a` (flat uint8) into flat `out`."""
+    def _rowsum(self, a: np.ndarray, rowsum: np.ndarray | None) -> np.ndarray:
+        """The row sums the zero-point correction needs (computed here for unpacked A)."""
         if not self.need_rowsum:
-            rowsum = _EMPTY_I32
-        elif rowsum is None:
+            return _EMPTY_I32
+        if rowsum is None:
             if int(self.const[4]) != 4:
                 raise ValueError("row sums of tile-packed activations must come from the packing")
             rowsum = np.empty(self.groups * self.m_total, np.int32)
             _row_sums(a, *self.rowsum_args, rowsum)
+        return rowsum
+
+    def run(self, a: np.ndarray, out: np.ndarray, rowsum: np.ndarray | None = None) -> None:
+        """Drive the tiles over activation buffer `a` (flat uint8) into flat `out`."""
+        rowsum = self._rowsum(a, rowsum)
         mode = self.mode
         run_tasks(
             _gemm_tiles,
@@ -707,7 +830,7 @@ class PackedLaunch:
             self.ntasks,
             self.work,
             a,
-            _EMPTY_I32 if rowsum is None else rowsum,
+            self._rowsum(a, rowsum),
             out if mode == OUT_INT32 else _EMPTY_I32,
             out.view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY_U8,
             out if mode == OUT_FLOAT else _EMPTY_F32,
@@ -776,7 +899,11 @@ def pack_rows(
     g, m, k = a3.shape
     kp = round_up(max(k, 1), 4)
     mp = round_up(max(m, 1), MAX_ROWS)
-    a8 = a3.view(np.uint8) if a3.flags.c_contiguous else np.ascontiguousarray(a3).view(np.uint8)
+    # rows read in place when each row is contiguous (a transposed-heads view of Q is)
+    rows_contiguous = a3.strides[-1] == a3.itemsize and all(st % 4 == 0 for st in a3.strides[:-1])
+    a8 = (a3 if rows_contiguous or a3.flags.c_contiguous else np.ascontiguousarray(a3)).view(
+        np.uint8
+    )
     if kp != k:
         a8 = np.pad(a8, ((0, 0), (0, 0), (0, kp - k)), constant_values=0x80 if shift else 0)
     buf = np.empty(g * mp * kp, np.uint8)
@@ -787,28 +914,12 @@ def pack_rows(
         g * -(-tiles // 8),
         g * m * kp * 32,
         a8.view(np.uint32),
+        a8,
         np.uint32(0x80808080 if shift else 0),
         buf.view(np.uint32),
         rowsum,
     )
     return buf, _tile_row_offsets(m, kp), (rowsum if want_rowsum else None), shift
-
-
-def _pack_b_rows(b, flip, zp, a_zp, data, colsum, col_term) -> None:
-    g, k, n = b.shape
-    panels = -(-max(n, 1) // TILE_COLS)
-    run_tasks(
-        _pack_b_panels,
-        g * panels,
-        g * k * n * 64,
-        b.view(np.uint8),
-        np.uint8(flip),
-        np.int32(zp),
-        np.int32(a_zp),
-        data.view(np.uint8),
-        colsum,
-        col_term,
-    )
 
 
 def pack_batched(
@@ -832,24 +943,18 @@ def pack_batched(
     flip = 0
     if b.dtype == np.uint8:
         flip, zp = 0x80, zp - 128
-    if k % 4 == 0:
-        # word-copy packing from B transposed: free for K^T views, else one numpy
-        # transpose (still ~2x faster than the byte-scatter packing)
-        bt = np.ascontiguousarray(np.swapaxes(b, 1, 2))
-        run_tasks(
-            _pack_bt_panels,
-            g * panels,
-            g * k * n * 16,
-            bt.view(np.uint8).view(np.uint32),
-            np.uint32(flip * 0x01010101),
-            np.int32(zp),
-            np.int32(a_zp),
-            data.view(np.uint32),
-            colsum,
-            col_term,
-        )
-    else:
-        _pack_b_rows(b, flip, zp, a_zp, data, colsum, col_term)
+    run_tasks(
+        _pack_b_panels,
+        g * panels,
+        g * k * n * 8,
+        b.view(np.uint8),
+        np.uint8(flip),
+        np.int32(zp),
+        np.int32(a_zp),
+        data.view(np.uint32),
+        colsum,
+        col_term,
+    )
     packed = PackedWeights(
         data=data,
         colsum=colsum,
@@ -904,10 +1009,15 @@ def _gemm_launch(
     fbias: np.ndarray | None,
     use_vnni: bool | None,
     memo: bool,
+    direct: bool = False,
 ) -> PackedLaunch:
-    """The PackedLaunch of a (batched) GEMM with tile-packed A, memoized on the weights."""
+    """The PackedLaunch of a (batched) GEMM, memoized on the weights.
+
+    A is tile-packed ([G][M/MR][K/4][MR][4], `pack_rows`), or with `direct` read in
+    place: uint8 [G, M, K] C-contiguous with K % 4 == 0, row m at byte m*K.
+    """
     key = ("gemm", g, m, kp, a_zp, out_dtype.str, y_zp, use_vnni, config.kernel_choice(),
-           _bytes_key(bias), _bytes_key(mult), _bytes_key(fscale), _bytes_key(fbias))
+           direct, _bytes_key(bias), _bytes_key(mult), _bytes_key(fscale), _bytes_key(fbias))
     hit = packed.memo.get(key) if memo else None
     if hit is not None:
         return hit
@@ -929,8 +1039,8 @@ def _gemm_launch(
     if g > 1 or not memo:
         col_term = _column_term(packed, a_zp, bias, n_all)
     launch = PackedLaunch(
-        _tile_row_offsets(m, kp),
-        round_up(max(m, 1), MAX_ROWS) * kp,
+        _strided_offsets(m, kp) if direct else _tile_row_offsets(m, kp),
+        m * kp if direct else round_up(max(m, 1), MAX_ROWS) * kp,
         _TAP0,
         a_zp,
         packed,
@@ -945,7 +1055,7 @@ def _gemm_launch(
         fscale=fscale,
         fbias=fbias,
         use_vnni=use_vnni,
-        a_step=4 * MAX_ROWS,
+        a_step=4 if direct else 4 * MAX_ROWS,
         col_term=col_term,
     )
     if memo:
@@ -1004,10 +1114,16 @@ def gemm(
     m = a.shape[-2]
     n = packed.cols
     out_dtype = np.dtype(out_dtype)
-    buf, _, rowsum, shift = pack_rows(a, packed.has_zero_point)
     kp = round_up(max(packed.k, 1), 4)
+    # uint8 rows of whole 4-byte groups are read in place (no packing pass, no copy);
+    # int8 needs the +128 shift and ragged K the zero padding that packing provides
+    direct = a.dtype == np.uint8 and kp == packed.k and a.flags.c_contiguous
+    if direct:
+        buf, rowsum, shift = a.reshape(-1), None, 0
+    else:
+        buf, _, rowsum, shift = pack_rows(a, packed.has_zero_point)
     launch = _gemm_launch(packed, g, m, kp, int(a_zp) + shift, out_dtype, bias, mult,
-                          int(y_zp), fscale, fbias, use_vnni, memo)
+                          int(y_zp), fscale, fbias, use_vnni, memo, direct)
     out = np.empty((g, m, n) if a.ndim == 3 else (m, n), out_dtype)
     launch.run(buf, out.reshape(-1), rowsum)
     return out
@@ -1045,15 +1161,19 @@ def gemm_batched(
     out_dtype = np.dtype(out_dtype)
     azp = int(a_zp) + ACT_SHIFT[a.dtype]
     packed, col_term = pack_batched(b, b_zp, azp)
-    buf, _, rowsum, _ = pack_rows(a, packed.has_zero_point)
     kp = round_up(max(k, 1), 4)
+    direct = a.dtype == np.uint8 and kp == k and a.flags.c_contiguous
+    if direct:  # rows read in place; row sums (if any) by the launch
+        buf, rowsum = a.reshape(-1), None
+    else:
+        buf, _, rowsum, _ = pack_rows(a, packed.has_zero_point)
     key = (g, m, k, n, azp, int(packed.zero_point[0]) if packed.zero_point.size else 0,
-           out_dtype.str, int(y_zp), use_vnni, config.kernel_choice(),
+           out_dtype.str, int(y_zp), use_vnni, config.kernel_choice(), direct,
            _bytes_key(mult), _bytes_key(fscale), _bytes_key(fbias))
     launch = _ACT_LAUNCHES.get(key)
     if launch is None:
         launch = _gemm_launch(packed, g, m, kp, azp, out_dtype, None, mult, int(y_zp),
-                              fscale, fbias, use_vnni, memo=False)
+                              fscale, fbias, use_vnni, memo=False, direct=direct)
         if len(_ACT_LAUNCHES) > 256:
             _ACT_LAUNCHES.clear()
         _ACT_LAUNCHES[key] = launch
