@@ -50,7 +50,12 @@ from numba.extending import intrinsic
 from qlinear.runtime.kernels import config
 from qlinear.runtime.kernels.config import JIT
 from qlinear.runtime.kernels.parallel import claim, finish, run_tasks
-from qlinear.runtime.kernels.requant import OUT_INT32, OUT_QUANTIZED, ROUNDING_MAGIC
+from qlinear.runtime.kernels.requant import (
+    OUT_INT32,
+    OUT_QUANTIZED,
+    ROUNDING_MAGIC,
+    requantize_ir,
+)
 
 #: Channel padding unit, widest block (channels), and output pixels per block (the
 #: kernel is compiled for 1, 3 and P_MAX pixels; 7 x 2 accumulators fit the registers,
@@ -119,18 +124,6 @@ def _host_pmaddwd():
     plain vector IR otherwise (tests compare the two)."""
     feats = config.host_cpu_features()
     return _pmaddwd_native if "avx512bw" in feats and "avx2" in feats else _pmaddwd_generic
-
-
-def _requantize_ir(builder, acc, mult, zp_f, lo, hi, magic):
-    """`requant.requantize_byte` on a vector, the same float32 operations in the same order:
-    v = min(max(float32(acc) * mult, lo), hi); r = ((v + M) - M) + zp_f; int32(r) (the
-    caller truncates to the byte). max/min are numba's select(lo > v, lo, v) and
-    select(hi < v, hi, v); `magic` is ROUNDING_MAGIC (all operands are vectors)."""
-    v = builder.fmul(builder.sitofp(acc, mult.type), mult)
-    v = builder.select(builder.fcmp_ordered(">", lo, v), lo, v)
-    v = builder.select(builder.fcmp_ordered("<", hi, v), hi, v)
-    r = builder.fadd(builder.fsub(builder.fadd(v, magic), magic), zp_f)
-    return builder.fptosi(r, acc.type)
 
 
 def _dw_tile_codegen(context, builder, signature, args):
@@ -227,12 +220,12 @@ def _dw_tile_codegen(context, builder, signature, args):
         with builder.if_else(is_q) as (then_q, else_q):
             with then_q:
                 mult = per_channel(mult_ptr, f_ty)
-                zp_f, lo, hi, magic = (load_vec(qp_ptr, const(i * UNIT), f_ty, 4)
-                                       for i in range(4))
+                zp_f, lo, hi = (load_vec(qp_ptr, const(i * UNIT), f_ty, 4) for i in range(3))
+                zp_i = builder.fptosi(zp_f, accs_v[0][0].type)
                 vals = []
                 for ae, ao in accs_v:
-                    qe = _requantize_ir(builder, ae, mult[0], zp_f, lo, hi, magic)
-                    qo = _requantize_ir(builder, ao, mult[1], zp_f, lo, hi, magic)
+                    qe = requantize_ir(builder, ae, mult[0], lo, hi, zp_i)
+                    qo = requantize_ir(builder, ao, mult[1], lo, hi, zp_i)
                     # bytes of channels 2k, 2k+1 into 16-bit lane k: channel order
                     low = builder.and_(qe, _const_vec(_I32, half, 0xFF))
                     pair = builder.or_(low, builder.shl(qo, _const_vec(_I32, half, 8)))

@@ -57,6 +57,7 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 from qlinear.runtime.kernels.config import host_has_vnni
+from qlinear.runtime.kernels.requant import requantize_ir
 
 #: Register block of full panels: rows per tile (MR) and columns per tile (NR = 4 zmm).
 MAX_ROWS = 6
@@ -77,8 +78,6 @@ _V16 = ir.VectorType(_I32, 16)
 _V16F = ir.VectorType(_F32, 16)
 _V16B = ir.VectorType(_I8, 16)
 _V16M = ir.VectorType(_I1, 16)
-_MAGIC = 12582912.0  # requant.ROUNDING_MAGIC (1.5 * 2^23), exact in float32
-_MAGIC_BITS = 0x4B400000  # its float32 bit pattern
 
 
 def _dpbusd_native(builder: ir.IRBuilder, acc, a, b):
@@ -344,21 +343,14 @@ def _fused_epilogue(builder, arg, accs, rows, nvec, emode, row_idx):
     is_q = builder.icmp_signed("==", emode, ir.Constant(_I64, 1))
     with builder.if_else(is_q, likely=True) as (then_q, other):
         with then_q:
-            magic = ir.Constant(_V16F, [_MAGIC] * 16)
             out_q = arg["out_q"]
             for j in range(nvec):
                 mult = param("mult", j, _V16F)
                 lo_v, hi_v = qparam(1), qparam(2)
-                # bits(M) - zp: see _round_to_byte
-                zbits = builder.sub(ir.Constant(_V16, [_MAGIC_BITS] * 16),
-                                    builder.fptosi(qparam(0), _V16))
+                zp_v = builder.fptosi(qparam(0), _V16)
                 for r in range(rows):
                     acc = builder.load(accs[r * nvec + j])
-                    v = builder.fmul(builder.sitofp(acc, _V16F), mult)
-                    # numba's max(v, lo) / min(v, hi): select(lo > v, lo, v), select(hi < v, hi, v)
-                    v = builder.select(builder.fcmp_ordered(">", lo_v, v), lo_v, v)
-                    v = builder.select(builder.fcmp_ordered("<", hi_v, v), hi_v, v)
-                    q = _round_to_byte(builder, v, magic, zbits)
+                    q = builder.trunc(requantize_ir(builder, acc, mult, lo_v, hi_v, zp_v), _V16B)
                     _masked_store(builder, q, out_ptr(out_q, r, j), masks[j])
         with other:
             is_i = builder.icmp_signed("==", emode, ir.Constant(_I64, 0))
@@ -377,20 +369,6 @@ def _fused_epilogue(builder, arg, accs, rows, nvec, emode, row_idx):
                             acc = builder.load(accs[r * nvec + j])
                             v = builder.fadd(builder.fmul(builder.sitofp(acc, _V16F), fs), fb)
                             _masked_store(builder, v, out_ptr(out_f, r, j), masks[j])
-
-
-def _round_to_byte(builder: ir.IRBuilder, v, magic, zbits):
-    """The byte of requant.requantize_byte's ``int32(((v + M) - M) + zp)`` for clamped v.
-
-    v is clamped to [lo, hi] (|v| <= 510 < 2^22), so v + M (M = 1.5 * 2^23) lies in
-    [2^23, 2^24) where the float32 spacing is 1: the (round-half-even) add gives exactly
-    M + rint(v), and there the float's bit pattern is bits(M) + rint(v). Hence
-    bits(v + M) - (bits(M) - zp) == rint(v) + zp, the same int32 as subtracting M,
-    adding zp in float32 (exact) and converting: same first rounding add, two exact
-    float ops and a conversion replaced by one integer subtract.
-    """
-    t = builder.bitcast(builder.fadd(v, magic), _V16)
-    return builder.trunc(builder.sub(t, zbits), _V16B)
 
 
 #: Full 64-column panels: 1..6 rows (the row remainder of a block runs exact).
