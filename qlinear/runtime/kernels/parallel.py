@@ -20,6 +20,7 @@ not raise after claiming a task (nopython integer loops here cannot).
 
 from __future__ import annotations
 
+import atexit
 import threading
 from typing import Any
 
@@ -110,10 +111,10 @@ class _Helper:
 
     def _loop(self) -> None:
         seen = 0
-        while True:
+        while not _stopping:
             self.wake.wait()
             self.wake.clear()
-            while True:
+            while not _stopping:
                 job = self.job
                 if job is not None and job[0] != seen:
                     seen = job[0]
@@ -129,6 +130,23 @@ class _Helper:
 _helpers_list: list[_Helper] = []
 _ctrl = np.zeros(1, np.int64)
 _lock = threading.Lock()
+_stopping = False
+
+
+@atexit.register
+def _stop_helpers() -> None:
+    """Let helpers leave their loop before the interpreter tears down: a daemon thread
+    killed inside a numba call can hold the allocator's lock the exit path then waits on
+    (seen once: a benchmark process hung at exit in garbage collection)."""
+    global _stopping
+    _stopping = True
+    with _lock:
+        _ctrl[0] += 1
+        helpers = list(_helpers_list)
+    for helper in helpers:
+        helper.wake.set()
+    for helper in helpers:
+        helper.thread.join(timeout=1.0)
 
 
 def _helpers(count: int) -> list[_Helper]:
