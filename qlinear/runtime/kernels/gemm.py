@@ -1087,6 +1087,22 @@ def _check(a: np.ndarray, packed: PackedWeights) -> None:
         )
 
 
+def _direct_rows(a: np.ndarray, whole_groups: bool) -> np.ndarray | None:
+    """A as the flat uint8 rows the driver reads directly (row m at byte m*K), or None
+    when it needs `pack_rows` (K not a multiple of 4: packing pads it).
+
+    uint8 C-contiguous A is used in place; int8 A costs one vectorized XOR 0x80 into a
+    new buffer (the +128 shift), far cheaper than packing tiles.
+    """
+    if not whole_groups:
+        return None
+    if a.dtype == np.uint8:
+        return a.reshape(-1) if a.flags.c_contiguous else None
+    flipped = np.empty(a.shape, np.uint8)
+    np.bitwise_xor(a.view(np.uint8), np.uint8(0x80), out=flipped)
+    return flipped.reshape(-1)
+
+
 def gemm(
     a: np.ndarray,
     a_zp: int,
@@ -1115,15 +1131,13 @@ def gemm(
     n = packed.cols
     out_dtype = np.dtype(out_dtype)
     kp = round_up(max(packed.k, 1), 4)
-    # uint8 rows of whole 4-byte groups are read in place (no packing pass, no copy);
-    # int8 needs the +128 shift and ragged K the zero padding that packing provides
-    direct = a.dtype == np.uint8 and kp == packed.k and a.flags.c_contiguous
-    if direct:
-        buf, rowsum, shift = a.reshape(-1), None, 0
+    direct = _direct_rows(a, kp == packed.k)
+    if direct is not None:
+        buf, rowsum, shift = direct, None, ACT_SHIFT[a.dtype]
     else:
         buf, _, rowsum, shift = pack_rows(a, packed.has_zero_point)
     launch = _gemm_launch(packed, g, m, kp, int(a_zp) + shift, out_dtype, bias, mult,
-                          int(y_zp), fscale, fbias, use_vnni, memo, direct)
+                          int(y_zp), fscale, fbias, use_vnni, memo, direct is not None)
     out = np.empty((g, m, n) if a.ndim == 3 else (m, n), out_dtype)
     launch.run(buf, out.reshape(-1), rowsum)
     return out
@@ -1162,9 +1176,10 @@ def gemm_batched(
     azp = int(a_zp) + ACT_SHIFT[a.dtype]
     packed, col_term = pack_batched(b, b_zp, azp)
     kp = round_up(max(k, 1), 4)
-    direct = a.dtype == np.uint8 and kp == k and a.flags.c_contiguous
-    if direct:  # rows read in place; row sums (if any) by the launch
-        buf, rowsum = a.reshape(-1), None
+    rows = _direct_rows(a, kp == k)
+    direct = rows is not None
+    if direct:  # row sums (if any) by the launch
+        buf, rowsum = rows, None
     else:
         buf, _, rowsum, _ = pack_rows(a, packed.has_zero_point)
     key = (g, m, k, n, azp, int(packed.zero_point[0]) if packed.zero_point.size else 0,
