@@ -53,7 +53,6 @@ from qlinear.runtime.kernels.parallel import claim, finish, run_tasks
 from qlinear.runtime.kernels.requant import (
     OUT_INT32,
     OUT_QUANTIZED,
-    ROUNDING_MAGIC,
     requantize_ir,
 )
 
@@ -304,8 +303,8 @@ def dw_tile(typingctx, npix, x, zp, offs, pstep, variant, wt, wstride, col, mult
     sign-extends the input bytes. Weights wt[t * wstride + 2 c:] (even then odd vector);
     the accumulators start from col[c:]; the output element out_off + p * out_pstep + c
     (out is the output as bytes) is written for channels c < c_n only: mode
-    OUT_QUANTIZED (mult; qparams = y_zp, lo, hi, ROUNDING_MAGIC as float32, each repeated
-    16 times), OUT_INT32, or else float32 acc * fscale + fbias.
+    OUT_QUANTIZED (mult; qparams = y_zp, lo, hi as float32, each repeated 16 times),
+    OUT_INT32, or else float32 acc * fscale + fbias.
     """
     sig = types.void(npix, x, zp, offs, pstep, variant, wt, wstride, col, mult, fscale, fbias,
                      u0, u1, c_n, mode, out, out_off, out_pstep, qparams, col_step, width,
@@ -659,7 +658,7 @@ class DepthwiseLaunch:
             _per_channel(mult, c, cp, np.float32, perm),
             _per_channel(fscale, c, cp, np.float32, perm),
             _per_channel(fbias, c, cp, np.float32, perm),
-            np.repeat(np.array([y_zp, lo - y_zp, hi - y_zp, ROUNDING_MAGIC], np.float32), UNIT),
+            np.repeat(np.array([y_zp, lo - y_zp, hi - y_zp], np.float32), UNIT),
             np.int64(nchunk), np.int64(chunk_units), np.int64(mode),
         )
 
