@@ -1,17 +1,25 @@
-"""Work-claiming parallelism for the int8 kernels (what ORT's thread pool does).
+"""Work-claiming parallelism for the kernels, with helper threads that never leave
+native code between jobs (what ORT's thread pool does).
 
 Why not numba ``prange``: its OpenMP layer splits the range statically and ends with a
 barrier, so every call waits until *every* thread has been scheduled. On a loaded
 machine (2 cores shared by several processes) a sleeping worker is woken only at the
 next scheduler tick, and each parallel call then costs ~4 ms; measured here a
 128x384x384 GEMM took 12 ms with prange on 2 threads vs 0.19 ms on 1 thread, while
-ORT kept 0.1 ms. Here the calling thread starts on the tasks at once and helper
-threads claim tasks from a shared atomic counter when they get a CPU; the caller
-waits only for tasks a helper has actually claimed, never for a helper to wake up.
+ORT kept 0.1 ms.
 
-Helpers are daemon threads that, after a job, poll for the next one for ~1 ms
-(SPIN_ITERATIONS) before sleeping, as ORT's pool does: back-to-back calls then start
-on both cores within ~15 us instead of after an OS wake-up.
+Why not Python threads that call the kernel: a helper that returns to Python for each
+job has to win the GIL back (a futex wake-up) and go through numba's dispatcher, so it
+started 20-50 us late; inside a model run it rarely joined at all (whole ResNet-18 at
+batch 1: 1.36x from the second core, BERT 1.1x).
+
+So each kernel gets a *launcher*, compiled once per argument types: it writes a pointer
+to its argument tuple and to a per-kernel trampoline into a shared job block, opens
+slots for the helpers, runs the kernel itself, then takes back the unclaimed slots and
+waits only for helpers that actually joined. Helpers poll the job block in a nopython
+loop (no GIL), join a job by claiming a slot, call the trampoline, and return to Python
+only to sleep after ~1-2 ms without work. Tasks inside a job are claimed from an atomic
+counter, so the caller never waits for a helper to wake up.
 
 A kernel written for this takes `counters` (int64[2]: next task, tasks done) first and
 loops ``while (t := claim(counters)) < ntasks: ...; finish(counters)``. Kernels must
@@ -21,48 +29,175 @@ not raise after claiming a task (nopython integer loops here cannot).
 from __future__ import annotations
 
 import atexit
+import hashlib
+import inspect
+import os
 import threading
 from typing import Any
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
+from numba.core.caching import FunctionCache, IndexDataCacheFile
 from numba.extending import intrinsic
 
 from qlinear.runtime.kernels import config
 from qlinear.runtime.kernels.config import JIT
 
-#: Below this many multiply-adds (~20 us on one core) a call runs on the calling thread
-#: only: waking a helper costs about as much as it would save.
-SERIAL_WORK = 1 << 23
+#: Below this many multiply-adds (~5 us on one core) a call runs on the calling thread
+#: only: publishing a job and sharing cache lines costs about as much as it saves.
+SERIAL_WORK = 1 << 21
+
+#: How long an idle helper polls for the next job before it sleeps, in CPU cycle-counter
+#: ticks (~1-2 ms). ORT's pool spins the same way; without it a helper woken by the OS
+#: often starts only after the whole call is over.
+SPIN_TICKS = 3_000_000
+
+# The job block: one int64 per cache line, so a helper polling GEN does not share a line
+# with the words the caller writes.
+_LINE = 8
+GEN, SLOTS, LEFT, FN, ARG, STOP, FAILED = (i * _LINE for i in range(7))
 
 
-@intrinsic
-def _atomic_add(typingctx, arr, index, value):
-    sig = types.int64(arr, index, value)
+def _element_ptr(context, builder, aryty, aryv, idx_v, idx_ty):
+    ary = context.make_array(aryty)(context, builder, aryv)
+    return builder.gep(ary.data, [context.cast(builder, idx_v, idx_ty, types.int64)])
 
-    def codegen(context, builder, signature, args):
-        arr_v, idx_v, val_v = args
-        ary = context.make_array(signature.args[0])(context, builder, arr_v)
-        idx = context.cast(builder, idx_v, signature.args[1], types.int64)
-        val = context.cast(builder, val_v, signature.args[2], types.int64)
-        ptr = builder.gep(ary.data, [idx])
-        return builder.atomic_rmw("add", ptr, val, "seq_cst")
 
-    return sig, codegen
+def _atomic_rmw(op: str):
+    @intrinsic
+    def rmw(typingctx, arr, index, value):
+        def codegen(context, builder, sig, args):
+            ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            val = context.cast(builder, args[2], sig.args[2], types.int64)
+            return builder.atomic_rmw(op, ptr, val, "seq_cst")
+
+        return types.int64(arr, index, value), codegen
+
+    return rmw
+
+
+_atomic_add = _atomic_rmw("add")
+_atomic_exchange = _atomic_rmw("xchg")
 
 
 @intrinsic
 def _atomic_load(typingctx, arr, index):
-    sig = types.int64(arr, index)
-
-    def codegen(context, builder, signature, args):
-        arr_v, idx_v = args
-        ary = context.make_array(signature.args[0])(context, builder, arr_v)
-        idx = context.cast(builder, idx_v, signature.args[1], types.int64)
-        ptr = builder.gep(ary.data, [idx])
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
         return builder.load_atomic(ptr, "seq_cst", 8)
 
-    return sig, codegen
+    return types.int64(arr, index), codegen
+
+
+@intrinsic
+def _atomic_store(typingctx, arr, index, value):
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        val = context.cast(builder, args[2], sig.args[2], types.int64)
+        builder.store_atomic(val, ptr, "seq_cst", 8)
+        return context.get_dummy_value()
+
+    return types.none(arr, index, value), codegen
+
+
+@intrinsic
+def _compare_exchange(typingctx, arr, index, expected, value):
+    """Store `value` if the element equals `expected`; returns the element seen."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        old = context.cast(builder, args[2], sig.args[2], types.int64)
+        new = context.cast(builder, args[3], sig.args[3], types.int64)
+        return builder.extract_value(builder.cmpxchg(ptr, old, new, "seq_cst", "seq_cst"), 0)
+
+    return types.int64(arr, index, expected, value), codegen
+
+
+def _call_llvm(builder, name: str, restype):
+    fnty = ir.FunctionType(restype, [])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), [])
+
+
+_X86 = any(f.startswith("sse2") for f in config.host_cpu_features())
+
+
+@intrinsic
+def _cpu_relax(typingctx):
+    """x86 `pause` in a polling loop (frees the pipeline for the sibling hyperthread)."""
+
+    def codegen(context, builder, sig, args):
+        if _X86:
+            _call_llvm(builder, "llvm.x86.sse2.pause", ir.VoidType())
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def _ticks(typingctx):
+    """The CPU cycle counter (only differences matter)."""
+
+    def codegen(context, builder, sig, args):
+        return _call_llvm(builder, "llvm.readcyclecounter", ir.IntType(64))
+
+    return types.int64(), codegen
+
+
+_VOIDP = ir.IntType(8).as_pointer()
+_I32 = ir.IntType(32)
+_TRAMPOLINE = ir.FunctionType(_I32, [_VOIDP])  # returns 1 if the kernel raised
+
+
+@intrinsic
+def _call_trampoline(typingctx, fn, arg):
+    def codegen(context, builder, sig, args):
+        callee = builder.inttoptr(args[0], _TRAMPOLINE.as_pointer())
+        failed = builder.call(callee, [builder.inttoptr(args[1], _VOIDP)])
+        return builder.sext(failed, ir.IntType(64))
+
+    return types.int64(types.int64, types.int64), codegen
+
+
+@intrinsic
+def _address_of(typingctx, tup):
+    """Address of a copy of `tup` in the caller's stack frame (alive until it returns)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.ptrtoint(cgutils.alloca_once_value(builder, args[0]), ir.IntType(64))
+
+    return types.int64(tup), codegen
+
+
+@intrinsic
+def _trampoline(typingctx, kernel, tup):
+    """Address of `int32 f(args*)` that calls kernel(*args) and returns 1 if it raised
+    (linked into the launcher)."""
+    ksig = typingctx.resolve_function_type(kernel, tuple(tup.types), {})
+    if ksig is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        cres = kernel.dispatcher.overloads[tuple(ksig.args)]
+        fndesc = cres.fndesc
+        module = builder.module
+        name = "qlinear.task." + fndesc.mangled_name
+        fn = cgutils.get_or_insert_function(module, _TRAMPOLINE, name)
+        if fn.is_declaration:
+            fn.linkage = "internal"
+            b = ir.IRBuilder(fn.append_basic_block("entry"))
+            packed = b.load(b.bitcast(fn.args[0], context.get_value_type(tup).as_pointer()))
+            items = [b.extract_value(packed, i) for i in range(len(tup))]
+            context.add_linking_libs([cres.library])
+            callee = context.declare_function(module, fndesc)
+            status, _ = context.call_conv.call_function(
+                b, callee, fndesc.restype, fndesc.argtypes, items
+            )
+            b.ret(b.zext(status.is_error, _I32))
+        return builder.ptrtoint(fn, ir.IntType(64))
+
+    return types.int64(kernel, tup), codegen
 
 
 @njit(inline="always", **JIT)
@@ -77,60 +212,126 @@ def finish(counters: np.ndarray) -> None:
     _atomic_add(counters, 1, 1)
 
 
+@njit(inline="always", **JIT)
+def _publish_and_run(job, fn, argp, helpers):
+    """Open `helpers` slots on a job, run it here too, and return once every helper
+    that joined has left (so the argument tuple may go out of scope). Returns how many
+    threads saw the kernel raise."""
+    job[FN] = fn
+    job[ARG] = argp
+    job[LEFT] = 0
+    job[FAILED] = 0
+    _atomic_store(job, SLOTS, helpers)
+    _atomic_add(job, GEN, 1)
+    failed = _call_trampoline(fn, argp)
+    joined = helpers - _atomic_exchange(job, SLOTS, 0)
+    while _atomic_load(job, LEFT) < joined:
+        _cpu_relax()
+    return failed + _atomic_load(job, FAILED)
+
+
 @njit(**JIT)
-def _wait_done(counters, ntasks):
-    while _atomic_load(counters, 1) < ntasks:
-        pass
-
-
-#: How long an idle helper keeps polling for the next call before it sleeps
-#: (iterations of an atomic load, ~1 ms). ORT's pool spins the same way; without it a
-#: helper woken by the OS often starts only after the whole call is over.
-SPIN_ITERATIONS = 400_000
-
-
-@njit(**JIT)
-def _spin_until_changed(ctrl, seen, iterations):
-    """Poll ctrl[0] (nogil) until it differs from `seen` or the budget runs out."""
-    for _ in range(iterations):
-        v = _atomic_load(ctrl, 0)
-        if v != seen:
-            return v
-    return seen
-
-
-class _Helper:
-    """A daemon thread that runs posted jobs, then spins a little waiting for the next."""
-
-    def __init__(self, ctrl: np.ndarray) -> None:
-        self.ctrl = ctrl
-        self.job: tuple[int, Any, tuple] | None = None
-        self.wake = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="qlinear-int8", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        seen = 0
-        while not _stopping:
-            self.wake.wait()
-            self.wake.clear()
-            while not _stopping:
-                job = self.job
-                if job is not None and job[0] != seen:
-                    seen = job[0]
-                    try:
-                        job[1](*job[2])
-                    except Exception:  # the caller finishes every task itself anyway
-                        pass
-                    self.job = None
-                if _spin_until_changed(self.ctrl, np.int64(seen), SPIN_ITERATIONS) == seen:
+def _helper_loop(job: np.ndarray, spin_ticks: int) -> int:
+    """Join jobs until stopped (returns 0) or idle for `spin_ticks` (returns 1)."""
+    seen = _atomic_load(job, GEN)
+    idle_since = _ticks()
+    while True:
+        gen = _atomic_load(job, GEN)
+        if gen != seen:
+            seen = gen
+            while True:
+                slots = _atomic_load(job, SLOTS)
+                if slots <= 0:
                     break
+                if _compare_exchange(job, SLOTS, slots, slots - 1) == slots:
+                    # Joined: the caller cannot return before LEFT counts us out, so
+                    # FN/ARG (read after the claim) stay valid while we run.
+                    if _call_trampoline(job[FN], job[ARG]) != 0:
+                        _atomic_add(job, FAILED, 1)
+                    _atomic_add(job, LEFT, 1)
+                    break
+            idle_since = _ticks()
+        elif _atomic_load(job, STOP) != 0:
+            return 0
+        elif _ticks() - idle_since > spin_ticks:
+            return 1
+        else:
+            _cpu_relax()
 
 
-_helpers_list: list[_Helper] = []
-_ctrl = np.zeros(1, np.int64)
-_lock = threading.Lock()
+class _LauncherCache(FunctionCache):
+    """Disk cache of one kernel's launcher.
+
+    numba keys a closure's cache entry on the pickled closure cells; a dispatcher pickles
+    with a per-process id, so every process would miss and recompile. Here the key names
+    the kernel instead, and its file's stamp invalidates the entry with the kernel's own.
+    """
+
+    def __init__(self, py_func: Any, kernel: Any) -> None:
+        self._kernel_func = kernel.py_func
+        super().__init__(py_func)
+        source = inspect.getfile(self._kernel_func)
+        st = os.stat(source)
+        stamp = (self._impl.locator.get_source_stamp(), (st.st_mtime, st.st_size))
+        name = f"{self._kernel_func.__module__}.{self._kernel_func.__qualname__}"
+        self._cache_file = IndexDataCacheFile(
+            cache_path=self._cache_path,
+            filename_base=f"{self._impl.filename_base}.{name}",
+            source_stamp=stamp,
+        )
+
+    def _index_key(self, sig: Any, codegen: Any) -> tuple:
+        kernel = self._kernel_func
+        digest = hashlib.sha256(self._py_func.__code__.co_code + kernel.__code__.co_code)
+        name = (kernel.__module__, kernel.__qualname__, digest.hexdigest())
+        return (sig, codegen.magic_tuple(), name)
+
+
+def _make_launcher(kernel: Any) -> Any:
+    def launch(job, helpers, args):
+        fn = _trampoline(kernel, args)
+        return _publish_and_run(job, fn, _address_of(args), helpers)
+
+    launcher = njit(**{**JIT, "cache": False})(launch)
+    if JIT["cache"]:
+        launcher._cache = _LauncherCache(launcher.py_func, kernel)
+    return launcher
+
+
+_job = np.zeros(7 * _LINE, np.int64)
+_launchers: dict[Any, Any] = {}
+_pool_lock = threading.Lock()  # one job at a time; a second caller runs alone
+_start_lock = threading.Lock()
+_wake = threading.Condition()
+_threads: list[threading.Thread] = []
+_sleeping = 0
 _stopping = False
+
+
+def _helper_main() -> None:
+    global _sleeping
+    while not _stopping:
+        if _helper_loop(_job, SPIN_TICKS) == 0:
+            return
+        with _wake:
+            if _stopping:
+                return
+            _sleeping += 1
+            _wake.wait()
+
+
+def _wake_helpers(count: int) -> None:
+    global _sleeping
+    if len(_threads) < count:
+        with _start_lock:
+            while len(_threads) < count:
+                thread = threading.Thread(target=_helper_main, name="qlinear-int8", daemon=True)
+                thread.start()
+                _threads.append(thread)
+    if _sleeping:
+        with _wake:
+            _sleeping = 0
+            _wake.notify_all()
 
 
 @atexit.register
@@ -140,38 +341,47 @@ def _stop_helpers() -> None:
     (seen once: a benchmark process hung at exit in garbage collection)."""
     global _stopping
     _stopping = True
-    with _lock:
-        _ctrl[0] += 1
-        helpers = list(_helpers_list)
-    for helper in helpers:
-        helper.wake.set()
-    for helper in helpers:
-        helper.thread.join(timeout=1.0)
+    _job[STOP] = 1
+    with _wake:
+        _wake.notify_all()
+    for thread in list(_threads):
+        thread.join(timeout=1.0)
 
 
-def _helpers(count: int) -> list[_Helper]:
-    with _lock:
-        while len(_helpers_list) < count:
-            _helpers_list.append(_Helper(_ctrl))
-        return _helpers_list[:count]
+def _forget_helpers_in_child() -> None:
+    """A forked child has no helper threads (and maybe a held lock): start afresh."""
+    global _pool_lock, _start_lock, _wake, _sleeping
+    _threads.clear()
+    _sleeping = 0
+    _pool_lock, _start_lock, _wake = threading.Lock(), threading.Lock(), threading.Condition()
+    _job[:] = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helpers_in_child)
 
 
 def run_tasks(kernel: Any, ntasks: int, work: int, *args: Any) -> None:
     """kernel(counters, *args) on the calling thread plus helpers; returns when all are done.
 
-    `work` (multiply-adds) decides whether helpers are worth waking; the thread count
-    is numba's (config.set_num_threads), so sessions keep their num_threads. Tasks are
-    claimed atomically, so a helper that starts late (or twice) is harmless.
+    `work` (multiply-adds) decides whether helpers are worth it; the thread count is the
+    calling thread's (config.set_num_threads), so sessions keep their num_threads.
     """
     counters = np.zeros(2, np.int64)
     threads = config.num_threads()
-    if threads > 1 and ntasks > 1 and work >= SERIAL_WORK:
-        with _lock:
-            _ctrl[0] += 1
-            gen = int(_ctrl[0])
-        job = (gen, kernel, (counters, *args))
-        for helper in _helpers(min(threads, ntasks) - 1):
-            helper.job = job
-            helper.wake.set()
-    kernel(counters, *args)
-    _wait_done(counters, np.int64(ntasks))
+    if threads > 1 and ntasks > 1 and work >= SERIAL_WORK and _pool_lock.acquire(blocking=False):
+        try:
+            helpers = min(threads, ntasks) - 1
+            _wake_helpers(helpers)
+            launcher = _launchers.get(kernel)
+            if launcher is None:
+                launcher = _launchers[kernel] = _make_launcher(kernel)
+            failed = launcher(_job, helpers, (counters, *args))
+        finally:
+            _pool_lock.release()
+        if failed:
+            # The exception object stayed in native code: run alone to raise it here.
+            kernel(np.zeros(2, np.int64), *args)
+            raise RuntimeError(f"{kernel.__name__} failed on a helper thread")
+    else:
+        kernel(counters, *args)
