@@ -315,7 +315,7 @@ def max_pool_nhwc(
     run_tasks(
         _max_pool_nhwc,
         b * oh,
-        b * oh * ow * c * kernel[0] * kernel[1],
+        b * oh * ow * c * kernel[0] * kernel[1] * BYTE_WORK,  # a byte max, not a MAC
         np.ascontiguousarray(x),
         out,
         np.int64(kernel[0]),
