@@ -776,6 +776,16 @@ def _pad(spec: NodeSpec) -> Kernel:
 # --------------------------------------------------------------------------- Resize
 
 _NEAREST_LEGACY = "legacy"
+#: Coordinate transformations whose nearest-mode coordinates are computed in float32.
+_NEAREST_F32_CTMS = (
+    "half_pixel",
+    "pytorch_half_pixel",
+    "asymmetric",
+    "tf_half_pixel_for_nn",
+    "align_corners",
+)
+#: |x - (k + 0.5)| up to this is a rounding tie (onnxruntime's nearest uses 1e-6 too).
+_NEAREST_TIE_TOL = 1e-6
 
 
 @register("Resize", since=10)
@@ -927,7 +937,11 @@ def _axis_table(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     y = np.arange(n_out, dtype=np.float64)
     # As the ONNX reference: the "output length" in the formulas is scale * n_in (float).
+    # But a float32 scale cannot hold most ratios (0.6f * 5 = 3.0000001): when the product
+    # is the integer length up to that rounding, it means that length (spec and ORT).
     out_w = scale * n_in
+    if abs(out_w - n_out) <= 4 * n_out * float(np.finfo(np.float32).eps):
+        out_w = float(n_out)
     extr = None
     if ctm == "align_corners":
         x = np.zeros(n_out) if out_w == 1 else y * (n_in - 1) / (out_w - 1)
@@ -955,26 +969,32 @@ def _axis_table(
         raise ValueError(f"unsupported coordinate_transformation_mode {ctm!r}")
 
     if mode == "nearest":
-        if ctm in ("half_pixel", "asymmetric", "tf_half_pixel_for_nn"):
+        if ctm in _NEAREST_F32_CTMS:
             # onnxruntime computes these coordinates in float32; at an exact boundary
             # (1.5 / 0.6f = 2.4999999 in float64, 2.5 in float32) floor/ceil pick another
             # pixel, so redo the formula in float32 for nearest (linear barely moves).
             y32, s32 = y.astype(np.float32), np.float32(scale)
             half = np.float32(0.5)
-            if ctm == "half_pixel":
+            if ctm == "half_pixel" or (ctm == "pytorch_half_pixel" and n_out > 1):
                 x = (y32 + half) / s32 - half
             elif ctm == "asymmetric":
                 x = y32 / s32
-            else:
+            elif ctm == "tf_half_pixel_for_nn":
                 x = (y32 + half) / s32
+            elif ctm == "align_corners" and out_w != 1:
+                x = y32 * np.float32(n_in - 1) / np.float32(out_w - 1)
             x = x.astype(np.float64)
+        # Ties are decided with a tolerance, as onnxruntime does: float32 rounding moves an
+        # exact k + 0.5 a few ulps (7 -> 2 asymmetric: 1 / (2/7)f = 3.4999998, not 3.5).
+        fl = np.floor(x)
+        tie = np.abs(x - fl - 0.5) <= _NEAREST_TIE_TOL
         if nearest_mode == _NEAREST_LEGACY:
             # Upsample / Resize-10: asymmetric + floor (ORT truncates when upsampling)
-            idx = np.floor(x)
+            idx = fl
         elif nearest_mode == "round_prefer_floor":
-            idx = np.where(x - np.floor(x) == 0.5, np.floor(x), np.round(x))
+            idx = np.where(tie, fl, np.floor(x + 0.5))
         elif nearest_mode == "round_prefer_ceil":
-            idx = np.where(x - np.floor(x) == 0.5, np.ceil(x), np.round(x))
+            idx = np.where(tie, fl + 1, np.floor(x + 0.5))
         elif nearest_mode == "floor":
             idx = np.floor(x)
         elif nearest_mode == "ceil":
