@@ -22,13 +22,15 @@ only to sleep after ~1-2 ms without work. Tasks inside a job are claimed from an
 counter, so the caller never waits for a helper to wake up.
 
 A kernel written for this takes `counters` (int64[2]: next task, tasks done) first and
-loops ``while (t := claim(counters)) < ntasks: ...; finish(counters)``. Kernels must
-not raise after claiming a task (nopython integer loops here cannot).
+loops ``while (t := claim(counters)) < ntasks: ...; finish(counters)``. Tasks must
+write disjoint outputs. A kernel that raises on any thread makes `run_tasks` run it
+again alone, so the exception (which numba keeps in native code) reaches the caller.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import hashlib
 import inspect
 import os
@@ -57,7 +59,15 @@ SPIN_TICKS = 3_000_000
 # The job block: one int64 per cache line, so a helper polling GEN does not share a line
 # with the words the caller writes.
 _LINE = 8
-GEN, SLOTS, LEFT, FN, ARG, STOP, FAILED = (i * _LINE for i in range(7))
+GEN, SLOTS, LEFT, FN, ARG, STOP, FAILED, YIELD = (i * _LINE for i in range(8))
+
+#: Polls between two sched_yield calls of an idle helper, and ticks a caller spins for
+#: its helpers before it starts yielding. When the machine is oversubscribed a helper
+#: may share a core with the caller (or with the thread it waits for): a pure spin then
+#: holds the core for a whole scheduler slice. Measured here with one busy process
+#: beside BERT at batch 1: 21.6 ms with pure spinning vs 11.7 ms on one thread.
+YIELD_EVERY = 64
+WAIT_SPIN_TICKS = 30_000
 
 
 def _element_ptr(context, builder, aryty, aryv, idx_v, idx_ty):
@@ -145,6 +155,26 @@ def _ticks(typingctx):
     return types.int64(), codegen
 
 
+@intrinsic
+def _call_void(typingctx, fn):
+    """Call `int f(void)` at address fn (sched_yield; its address is a run-time value,
+    so the compiled code stays cacheable)."""
+
+    def codegen(context, builder, sig, args):
+        callee = builder.inttoptr(args[0], ir.FunctionType(ir.IntType(32), []).as_pointer())
+        builder.call(callee, [])
+        return context.get_dummy_value()
+
+    return types.none(types.int64), codegen
+
+
+@njit(inline="always", **JIT)
+def _yield_cpu(job):
+    fn = job[YIELD]
+    if fn != 0:
+        _call_void(fn)
+
+
 _VOIDP = ir.IntType(8).as_pointer()
 _I32 = ir.IntType(32)
 _TRAMPOLINE = ir.FunctionType(_I32, [_VOIDP])  # returns 1 if the kernel raised
@@ -225,8 +255,13 @@ def _publish_and_run(job, fn, argp, helpers):
     _atomic_add(job, GEN, 1)
     failed = _call_trampoline(fn, argp)
     joined = helpers - _atomic_exchange(job, SLOTS, 0)
-    while _atomic_load(job, LEFT) < joined:
-        _cpu_relax()
+    if joined:
+        since = _ticks()
+        while _atomic_load(job, LEFT) < joined:
+            if _ticks() - since > WAIT_SPIN_TICKS:
+                _yield_cpu(job)
+            else:
+                _cpu_relax()
     return failed + _atomic_load(job, FAILED)
 
 
@@ -235,6 +270,7 @@ def _helper_loop(job: np.ndarray, spin_ticks: int) -> int:
     """Join jobs until stopped (returns 0) or idle for `spin_ticks` (returns 1)."""
     seen = _atomic_load(job, GEN)
     idle_since = _ticks()
+    polls = 0
     while True:
         gen = _atomic_load(job, GEN)
         if gen != seen:
@@ -256,7 +292,11 @@ def _helper_loop(job: np.ndarray, spin_ticks: int) -> int:
         elif _ticks() - idle_since > spin_ticks:
             return 1
         else:
-            _cpu_relax()
+            polls += 1
+            if polls % YIELD_EVERY == 0:
+                _yield_cpu(job)
+            else:
+                _cpu_relax()
 
 
 class _LauncherCache(FunctionCache):
@@ -298,8 +338,18 @@ def _make_launcher(kernel: Any) -> Any:
     return launcher
 
 
-_job = np.zeros(7 * _LINE, np.int64)
+_job = np.zeros(8 * _LINE, np.int64)
 _launchers: dict[Any, Any] = {}
+
+
+def _sched_yield_address() -> int:
+    try:
+        return ctypes.cast(ctypes.CDLL(None).sched_yield, ctypes.c_void_p).value or 0
+    except (OSError, AttributeError, TypeError):  # no libc symbol table (Windows): spin only
+        return 0
+
+
+_job[YIELD] = _sched_yield_address()
 _pool_lock = threading.Lock()  # one job at a time; a second caller runs alone
 _start_lock = threading.Lock()
 _wake = threading.Condition()
@@ -355,6 +405,7 @@ def _forget_helpers_in_child() -> None:
     _sleeping = 0
     _pool_lock, _start_lock, _wake = threading.Lock(), threading.Lock(), threading.Condition()
     _job[:] = 0
+    _job[YIELD] = _sched_yield_address()
 
 
 if hasattr(os, "register_at_fork"):
