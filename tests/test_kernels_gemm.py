@@ -363,3 +363,127 @@ def test_generic_fallback_without_vnni_is_exact(monkeypatch, rng):
     assert "llvm.x86.avx512.vpdpbusd" not in "".join(run.inspect_llvm().values())
     want = naive.requantize(naive.matmul_integer(a, 0, b, 0), mult[:n], 5, np.uint8)
     np.testing.assert_array_equal(out, want)
+
+
+# --------------------------------------------------------------------------- column add
+# The 8-bit GEMM output followed by a QLinearAdd of a constant per-column vector, done
+# in the epilogue (requant.ColumnAdd): the same bits as the separate QLinearAdd kernel.
+
+
+def _qlinear_add(a, sa, za, b, sb, zb, sc, zc):
+    """The runtime's QLinearAdd op (the reference the fused epilogue must equal)."""
+    from onnx import helper
+
+    from qlinear.runtime.registry import MS_DOMAIN, NodeSpec, lookup
+
+    node = helper.make_node("QLinearAdd", list("abcdefgh"), ["y"], domain=MS_DOMAIN)
+    kernel = lookup(MS_DOMAIN, "QLinearAdd", 1)(NodeSpec(proto=node, opset=1))
+    f32 = np.float32
+    return kernel(a, f32(sa), za, b, f32(sb), zb, f32(sc), zc)
+
+
+def _column_add(sa, za, b, sb, zb, sc, zc, const_first, n):
+    """The ColumnAdd of QLinearAdd(q, b) (or (b, q)) as the step fusion builds it."""
+    from qlinear.runtime.kernels.requant import column_add
+    from qlinear.runtime.ops.contrib_qlinear import _add_params
+
+    f32 = np.float32
+    if const_first:
+        params = _add_params(f32(sb), zb, f32(sa), za, f32(sc), zc)
+    else:
+        params = _add_params(f32(sa), za, f32(sb), zb, f32(sc), zc)
+    return column_add(*params, b, const_first, n, zc.dtype)
+
+
+#: (q scale, bias scale, output scale) of the add: typical, ties (r = 0.5), the bias
+#: alone saturating, q alone saturating, everything collapsing onto the zero point.
+ADD_SCALES = [(0.05, 0.01, 0.06), (0.5, 0.5, 1.0), (0.05, 0.5, 0.01), (1.0, 0.01, 0.01),
+              (1e-3, 1e-3, 1.0)]
+
+
+@pytest.mark.parametrize("use_vnni", PATHS)
+@pytest.mark.parametrize("a_dtype,q_dtype", DTYPES)
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 150), n=NARROW_N,
+       out_dtype=st.sampled_from([np.uint8, np.int8]), scales=st.sampled_from(ADD_SCALES),
+       const_first=st.booleans(), extremes=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_gemm_then_column_add_equals_qlinear_add(use_vnni, a_dtype, q_dtype, m, k, n,
+                                                 out_dtype, scales, const_first, extremes,
+                                                 seed):
+    """gemm(..., add=ColumnAdd) == QLinearAdd(gemm(...), bias) bit for bit: any shape
+    (1, odd, narrow and multi-panel N), both 8-bit types at each stage, per-column
+    weight zero points, biases at the type's ends, second stages that saturate."""
+    rng = np.random.default_rng(seed)
+    a = _rand(rng, (m, k), a_dtype)
+    b = _rand(rng, (k, n), np.int8)
+    a_zp, b_zp = int(_zp(rng, a_dtype)), _zp(rng, np.int8, n)
+    mult = output_multiplier(np.float32(0.02), rng.uniform(1e-3, 1e-1, n).astype(np.float32),
+                             np.float32(rng.choice([0.05, 3.0])), n)
+    y_zp = int(_zp(rng, q_dtype))
+    info = np.iinfo(q_dtype)
+    bias = _rand(rng, n, q_dtype)
+    if extremes:
+        bias[::2] = info.min
+        bias[1::2] = info.max
+    sa, sb, sc = scales
+    za, zb = np.array(y_zp, q_dtype), np.array(_zp(rng, q_dtype), q_dtype)
+    zc = np.array(_zp(rng, out_dtype), out_dtype)
+    packed = pack_matrix(b, b_zp)
+    q = gemm(a, a_zp, packed, out_dtype=q_dtype, mult=mult, y_zp=y_zp, use_vnni=use_vnni)
+    args = (bias, sb, zb, q, sa, za) if const_first else (q, sa, za, bias, sb, zb)
+    want = _qlinear_add(*args, sc, zc)
+    add = _column_add(sa, za, bias, sb, zb, sc, zc, const_first, n)
+    got = gemm(a, a_zp, packed, out_dtype=q_dtype, mult=mult, y_zp=y_zp, use_vnni=use_vnni,
+               add=add)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("use_vnni", PATHS)
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("scales", ADD_SCALES)
+@pytest.mark.parametrize("const_first", [False, True])
+def test_column_add_every_value_pair(use_vnni, dtype, scales, const_first):
+    """Every (q, bias) pair of the type: q = the 256 rows (K = 1, multiplier 1), the
+    bias the 256 columns (four panels), through the fused epilogue and the op."""
+    info = np.iinfo(dtype)
+    a = np.arange(256, dtype=np.uint8)[:, None]
+    a_zp = 128 if dtype == np.int8 else 0  # q = a - a_zp: every value of the type
+    packed = pack_matrix(np.ones((1, 256), np.int8), 0)
+    mult = np.ones(256, np.float32)
+    bias = np.arange(info.min, info.max + 1).astype(dtype)
+    sa, sb, sc = scales
+    za, zb, zc = (np.array(v, dtype) for v in (info.min + 3, info.max - 60, info.min + 77))
+    q = gemm(a, a_zp, packed, out_dtype=dtype, mult=mult, y_zp=0, use_vnni=use_vnni)
+    np.testing.assert_array_equal(q[:, 0], np.arange(info.min, info.max + 1))
+    args = (bias, sb, zb, q, sa, za) if const_first else (q, sa, za, bias, sb, zb)
+    want = _qlinear_add(*args, sc, zc)
+    add = _column_add(sa, za, bias, sb, zb, sc, zc, const_first, 256)
+    got = gemm(a, a_zp, packed, out_dtype=dtype, mult=mult, y_zp=0, use_vnni=use_vnni, add=add)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("use_vnni", PATHS)
+def test_column_add_strided_output(use_vnni, rng):
+    """Column-major output (the numba epilogue's strided branch) in the add mode."""
+    from qlinear.runtime.kernels.gemm import run_packed
+    from qlinear.runtime.kernels.requant import OUT_QUANTIZED_ADD
+
+    m, k, n, kp = 29, 11, 100, 12
+    a = _rand(rng, (m, k), np.uint8)
+    b = _rand(rng, (k, n), np.int8)
+    b_zp = _zp(rng, np.int8, n)
+    buf = np.zeros((m, kp), np.uint8)
+    buf[:, :k] = a
+    mult = np.full(n, 0.01, np.float32)
+    bias = _rand(rng, n, np.uint8)
+    zb, zc, za = np.uint8(100), np.uint8(128), np.uint8(3)
+    add = _column_add(0.05, za, bias, 0.02, zb, 0.04, zc, False, n)
+    out = np.zeros(n * m, np.uint8)
+    rows = np.arange(m, dtype=np.int64)
+    run_packed(buf.reshape(-1), rows * kp, 0, np.zeros(1, np.int64), 9, pack_matrix(b, b_zp),
+               mode=OUT_QUANTIZED_ADD, out=out, out_row_off=rows, out_col_stride=m, mult=mult,
+               y_zp=3, add=add, use_vnni=use_vnni)
+    q = naive.requantize(naive.matmul_integer(a, 9, b, b_zp), mult, 3, np.uint8)
+    want = _qlinear_add(q, 0.05, za, bias, 0.02, zb, 0.04, zc)
+    np.testing.assert_array_equal(out.reshape(n, m).T, want)

@@ -101,6 +101,7 @@ class Session:
         num_threads: int | None = None,
         optimize: bool = True,
         _fold_overridable: bool = True,
+        _fuse_steps: bool = True,
     ) -> None:
         source = str(model) if isinstance(model, (str, os.PathLike)) else "model"
         proto = load_model(model)
@@ -120,6 +121,11 @@ class Session:
         # overrides one uses a second plan without those folds, built on first need.
         self._fold_overridable = _fold_overridable
         self._unfolded: Session | None = None
+        # Plan-time step fusions drop intermediate values; a run that asks for one of
+        # them (per-layer compare) uses a second plan without step fusions.
+        self._fuse_steps = _fuse_steps
+        self._fused_away: set[str] = set()
+        self._unfused: Session | None = None
         self._outputs = [_tensor_info(vi) for vi in graph.output]
         self._output_names = {o.name for o in self._outputs}
         self._value_types = inferred_types(proto)
@@ -176,6 +182,16 @@ class Session:
                 )
             return self._unfolded._execute(output_names, feeds, times)
         names = [o.name for o in self._outputs] if not output_names else list(output_names)
+        if self._fused_away and self._fused_away.intersection(names):
+            if self._unfused is None:
+                self._unfused = Session(
+                    self._model,
+                    num_threads=self._num_threads,
+                    optimize=False,
+                    _fold_overridable=self._fold_overridable,
+                    _fuse_steps=False,
+                )
+            return self._unfused._execute(output_names, feeds, times)
         for name in names:
             if name not in self._producible:
                 raise InputError(
@@ -256,13 +272,20 @@ class Session:
                 self._fold(step)
                 continue
             steps.append(step)
-        self._steps = fuse_steps(steps, self._value_types, self._output_names)
         self.fallback_ops = sorted({s.spec.op_type for s in steps if s.fallback})
         self._producible = (
             set(self._consts)
             | {i.name for i in self._inputs}
             | {o for s in steps for o in s.outputs if o}
         )
+        if self._fuse_steps:
+            steps = fuse_steps(steps, self._value_types, self._output_names)
+            produced = {o for s in steps for o in s.outputs if o}
+            self._fused_away = {
+                o for o in self._producible - produced
+                if o not in self._consts and o not in {i.name for i in self._inputs}
+            }
+        self._steps = steps
         missing = [o.name for o in self._outputs if o.name not in self._producible]
         if missing:
             raise InvalidModelError(f"graph outputs {missing} are produced by no node")

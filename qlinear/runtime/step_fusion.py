@@ -3,7 +3,9 @@
 Some node sequences that every quantized model contains cost whole passes over a
 tensor for nothing the graph could express better: Gather wants int32 indices, so a
 table lookup of an 8-bit tensor is ``Cast -> Gather``; a float LayerNorm sits between
-a DequantizeLinear and a QuantizeLinear. The session plans these as one step. A fusion
+a DequantizeLinear and a QuantizeLinear; every linear layer of a quantized transformer
+is a QLinearMatMul whose 8-bit output goes straight into a QLinearAdd of the constant
+bias. The session plans these as one step. A fusion
 only fires when the intermediate values have no other reader and are not outputs, and
 the fused kernel runs the same arithmetic functions as the separate ones (same bits).
 """
@@ -17,6 +19,10 @@ import numpy as np
 import onnx
 
 from qlinear.runtime.kernels.qlayernorm import quantized_layer_norm
+from qlinear.runtime.kernels.requant import ColumnAdd, column_add
+from qlinear.runtime.ops.contrib_qlinear import _add_params
+from qlinear.runtime.ops.quantized import QLinearMatMulKernel
+from qlinear.runtime.registry import MS_DOMAIN
 
 _SMALL_INTS = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16))
 _EIGHT_BIT = (np.dtype(np.uint8), np.dtype(np.int8))
@@ -34,6 +40,7 @@ class Step(Protocol):
 def fuse_steps(steps: list, types: dict, graph_outputs: set[str]) -> list:
     """The plan with every applicable fusion applied (steps are changed in place)."""
     steps = _read_lookup_indices_directly(steps, types, graph_outputs)
+    steps = _matmul_adds(steps, graph_outputs)
     return _quantized_layer_norms(steps, types, graph_outputs)
 
 
@@ -161,5 +168,92 @@ def _layer_norm_kernel(dq: Step, ln: Step, q: Step, types: dict) -> Callable | N
             return q_k(ln_k(f, gamma, beta), q_c[1], q_c[2])
         return quantized_layer_norm(x, x_scale, int(x_zp), gamma, beta, eps, y_scale,
                                     int(y_zp), y_zp.dtype)
+
+    return run
+
+
+def _matmul_adds(steps: list, graph_outputs: set[str]) -> list:
+    """QLinearMatMul -> QLinearAdd of a constant per-column vector (a linear layer's
+    bias) becomes one GEMM whose epilogue does the add too (`requant.ColumnAdd`): the
+    8-bit product is stored once instead of written, read back and written again."""
+    readers = _readers(steps)
+    producer = _producers(steps)
+    dropped: set[int] = set()
+    for ai, add in enumerate(steps):
+        if add.spec.op_type != "QLinearAdd" or add.spec.domain != MS_DOMAIN:
+            continue
+        for pos in (0, 3):
+            value = add.inputs[pos] if len(add.inputs) > pos else ""
+            mi = producer.get(value)
+            if mi is None or readers.get(value) != 1 or value in graph_outputs:
+                continue
+            fused = _matmul_add_kernel(steps[mi], add, pos)
+            if fused is not None:
+                steps[mi].kernel = fused
+                steps[mi].outputs = add.outputs
+                dropped.add(ai)
+                break
+    return [s for i, s in enumerate(steps) if i not in dropped]
+
+
+def _scalars(spec: Any, indices: tuple[int, ...]) -> bool:
+    """Every listed input is absent or a one-value constant (per-tensor)."""
+    return all(
+        not spec.has_input(i) or (spec.const(i) is not None and spec.const(i).size == 1)
+        for i in indices
+    )
+
+
+def _matmul_add_kernel(mm: Step, add: Step, pos: int) -> Callable | None:
+    """The fused kernel (QLinearMatMul's inputs, QLinearAdd's output; the product is the
+    add's input `pos`), or None when the fusion does not apply."""
+    n = _packed_columns(mm)
+    other = add.spec.const(3 - pos)
+    if n is None or other is None or other.dtype not in _EIGHT_BIT:
+        return None
+    if other.size != 1 and (other.shape[-1] != n or other.size != n):
+        return None  # neither one value nor one per column
+    second = _column_add(add.spec, pos, other, mm.spec.const(7).dtype, n)
+    fused = None if second is None else mm.kernel.then_add(second)
+    return None if fused is None else _at_least_rank(fused, other.ndim)
+
+
+def _packed_columns(mm: Step) -> int | None:
+    """N of a QLinearMatMul with a constant [K, N] B and constant scales and zero points
+    (one value each, but B's may be per column), else None."""
+    spec = mm.spec
+    if spec.op_type != "QLinearMatMul" or spec.domain or not isinstance(mm.kernel,
+                                                                         QLinearMatMulKernel):
+        return None
+    b, y_zp = spec.const(3), spec.const(7)
+    if b is None or b.ndim != 2 or y_zp is None or y_zp.dtype not in _EIGHT_BIT:
+        return None
+    return b.shape[1] if _scalars(spec, (1, 2, 6, 7)) else None
+
+
+def _column_add(spec: Any, pos: int, other: np.ndarray, q_dtype: np.dtype,
+                n: int) -> ColumnAdd | None:
+    """The QLinearAdd's second stage with its own float32 parameters (the function its
+    kernel uses), when its scales and zero points are constant and per tensor."""
+    c = spec.consts
+    if not _scalars(spec, (1, 2, 4, 5, 6, 7)) or any(i not in c for i in (1, 4, 6)):
+        return None
+    # the add's output type: C's zero point's, else its first operand's
+    out_dtype = c[7].dtype if 7 in c else (q_dtype if pos == 0 else other.dtype)
+    if out_dtype not in _EIGHT_BIT:
+        return None
+    r_a, r_b, fixed = _add_params(c[1], c.get(2), c[4], c.get(5), c[6], c.get(7))
+    return column_add(r_a, r_b, fixed, other, pos == 3, n, out_dtype)
+
+
+def _at_least_rank(kernel: Callable, rank: int) -> Callable:
+    """`kernel` with leading 1s added to its output up to `rank` dimensions (the shape
+    broadcasting against a [1, .., 1, N] constant gives)."""
+    if rank <= 1:
+        return kernel
+
+    def run(*args: np.ndarray) -> np.ndarray:
+        out = kernel(*args)
+        return out if out.ndim >= rank else out.reshape((1,) * (rank - out.ndim) + out.shape)
 
     return run

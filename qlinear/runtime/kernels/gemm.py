@@ -14,7 +14,8 @@ some `b_zp'` is nonzero.
 One driver serves GEMM and implicit-GEMM convolution: each output row m reads its
 activations at byte offset `row_off[m]` (+ a per-tap offset) of a flat uint8 buffer.
 The epilogue writes int32, requantized 8-bit, or float32 output straight from the
-register tile (no int32 tensor is materialised for the last two).
+register tile (no int32 tensor is materialised for the last two); the 8-bit output can
+also go through a per-column QLinearAdd (`requant.ColumnAdd`) before it is stored.
 
 Per-call cost: everything but the data (offsets, column terms, multipliers, the ~30
 driver arguments) lives in a `PackedLaunch`, built once per shape and memoized on the
@@ -39,6 +40,9 @@ from qlinear.runtime.kernels.requant import (
     OUT_FLOAT,
     OUT_INT32,
     OUT_QUANTIZED,
+    OUT_QUANTIZED_ADD,
+    ColumnAdd,
+    requantize_add,
     requantize_byte,
     requantize_value,
 )
@@ -273,12 +277,15 @@ def _epilogue(
     out_f,
     fscale,
     fbias,
+    qadd,
     scratch,
 ):
     """Zero-point corrections in place on the int32 tile, then int32/8-bit/float stores.
 
     `n0` indexes the per-column parameters, `o_col0` is the output offset of the
-    tile's first column (added to each row's `out_row_off`).
+    tile's first column (added to each row's `out_row_off`). Mode 3 requantizes to 8
+    bits, then applies `requant.requantize_add` with the per-column term in `fbias` and
+    `qadd` = (scale, offset, lo, hi).
 
     Loops index slices with plain range variables (no negative-index fix-ups), so LLVM
     vectorizes them; int32 arithmetic wraps exactly like ORT's int32 accumulator.
@@ -338,6 +345,14 @@ def _epilogue(
                 for j in range(ncols):
                     acc = np.int32(t[j] + colt[j])
                     oq[j] = requantize_byte(acc, ml[j], zp_f, lo, hi)
+            elif mode == 3:
+                oq = out_q[o : o + ncols]
+                ml = mult[n0 : n0 + ncols]
+                at = fbias[n0 : n0 + ncols]
+                for j in range(ncols):
+                    q = requantize_value(np.int32(t[j] + colt[j]), ml[j], zp, lo, hi)
+                    y = requantize_add(q, qadd[0], qadd[1], at[j], qadd[2], qadd[3])
+                    oq[j] = np.uint8(y & 0xFF)
             else:
                 of = out_f[o : o + ncols]
                 fs = fscale[n0 : n0 + ncols]
@@ -360,6 +375,13 @@ def _epilogue(
                 for r in range(rows):
                     q = requantize_value(tile[r * TILE_COLS + j], ml, zp, lo, hi)
                     out_q[out_row_off[m0 + r] + o] = np.uint8(q & 0xFF)
+            elif mode == 3:
+                ml = mult[n]
+                at = fbias[n]
+                for r in range(rows):
+                    q = requantize_value(tile[r * TILE_COLS + j], ml, zp, lo, hi)
+                    y = requantize_add(q, qadd[0], qadd[1], at, qadd[2], qadd[3])
+                    out_q[out_row_off[m0 + r] + o] = np.uint8(y & 0xFF)
             else:
                 fs = fscale[n]
                 fb = fbias[n]
@@ -402,6 +424,7 @@ def _gemm_tiles(
     fbias,
     use_vnni,
     pg_size,
+    qadd,
 ):
     """Claims (group, panel group, row block) tasks; epilogue straight from the tile.
 
@@ -417,7 +440,8 @@ def _gemm_tiles(
     64-column tile when that is cheaper). The task's per-column parameters are first
     copied to scratch padded to whole panels, so the kernel reads full vectors and masks
     only its stores. Portable kernel or strided output: 6 x 64 int32 tiles (rows outer,
-    panels inner) and the numba `_epilogue`.
+    panels inner) and the numba `_epilogue`. Mode 3 (8-bit, then a `ColumnAdd`): its
+    per-column term travels as `fbias`, its scalars as `qadd` (scale, offset, lo, hi).
     """
     m_blocks = (m_total + m_block - 1) // m_block
     n_pg = (panels + pg_size - 1) // pg_size
@@ -426,10 +450,13 @@ def _gemm_tiles(
     lo = np.float32(q_lo - y_zp)
     hi = np.float32(q_hi - y_zp)
     zp = np.int32(y_zp)
-    qf = np.empty(3, np.float32)  # the fused requantization's zp, lo, hi (float32)
+    # the fused requantization's zp, lo, hi, then the add's scale, offset, lo, hi (float32)
+    qf = np.empty(7, np.float32)
     qf[0] = np.float32(zp)
     qf[1] = lo
     qf[2] = hi
+    for i in range(4):
+        qf[3 + i] = qadd[i]
     tile = np.empty(TILE_ROWS * TILE_COLS, np.int32)
     scratch = np.empty(3 * TILE_COLS, np.int32)
     offs = np.empty(MAX_ROWS, np.int64)
@@ -438,9 +465,9 @@ def _gemm_tiles(
     npad = (pg_size if use_vnni else 0) * TILE_COLS
     pcol = np.zeros(npad, np.int32)
     pbz = np.zeros(npad if use_rowsum else 0, np.int32)
-    pmul = np.zeros(npad if mode == 1 else 0, np.float32)
+    pmul = np.zeros(npad if mode == 1 or mode == 3 else 0, np.float32)
     pfs = np.zeros(npad if mode == 2 else 0, np.float32)
-    pfb = np.zeros(npad if mode == 2 else 0, np.float32)
+    pfb = np.zeros(npad if mode == 2 or mode == 3 else 0, np.float32)
     staged_g = -1
     staged_pg = -1
     while True:
@@ -474,7 +501,8 @@ def _gemm_tiles(
                     _epilogue(tile, rows, ncols, m0, g * cols + n0, g * m_total, col_term, bzp,
                               rowsum, use_rowsum, out_row_off,
                               g * out_group_stride + n0 * out_col_stride, out_col_stride, mode,
-                              out_i32, out_q, mult, zp, lo, hi, out_f, fscale, fbias, scratch)
+                              out_i32, out_q, mult, zp, lo, hi, out_f, fscale, fbias, qadd,
+                              scratch)
             finish(counters)
             continue
         if g != staged_g or pgi != staged_pg:
@@ -490,12 +518,14 @@ def _gemm_tiles(
             if use_rowsum:
                 for j in range(nreal):
                     pbz[j] = bzp[c0 + j]
-            if mode == 1:
+            if mode == 1 or mode == 3:
                 for j in range(nreal):
                     pmul[j] = mult[c0 + j]
-            elif mode == 2:
+            if mode == 2:
                 for j in range(nreal):
                     pfs[j] = fscale[c0 + j]
+            if mode == 2 or mode == 3:
+                for j in range(nreal):
                     pfb[j] = fbias[c0 + j]
         for panel in range(p_start, p_end):
             n0 = panel * TILE_COLS
@@ -655,6 +685,7 @@ def _pack_b_panels(counters, b, flip, zp, a_zp, out, colsum, col_term):
 _EMPTY_I32 = np.zeros(0, np.int32)
 _EMPTY_U8 = np.zeros(0, np.uint8)
 _EMPTY_F32 = np.zeros(0, np.float32)
+_NO_ADD = np.zeros(4, np.float32)
 
 
 #: Epilogue cost of one 16-column vector of one row, in reduction steps (one step = one
@@ -729,7 +760,10 @@ class PackedLaunch:
         use_vnni: bool | None = None,
         a_step: int = 4,
         col_term: np.ndarray | None = None,
+        add: ColumnAdd | None = None,
     ) -> None:
+        if (mode == OUT_QUANTIZED_ADD) != (add is not None):
+            raise ValueError("the quantize-then-add epilogue needs exactly a ColumnAdd")
         m_total = row_off.shape[0]
         ncols_all = packed.groups * packed.cols
         if col_term is None:
@@ -740,6 +774,8 @@ class PackedLaunch:
         m_block = _pick_row_block(m_total, packed.groups * n_pg, _row_cost(packed, pg_size))
         if fscale is not None and fbias is None:
             fbias = np.zeros(ncols_all, np.float32)
+        if add is not None and fbias is None:  # the add's term rides in the fbias slot
+            fbias = np.broadcast_to(add.term, (ncols_all,))
         if out_group_stride is None:
             out_group_stride = packed.cols * out_col_stride
         self.mode = mode
@@ -784,6 +820,7 @@ class PackedLaunch:
             _EMPTY_F32 if fbias is None else np.ascontiguousarray(fbias, np.float32),
             bool(vnni),
             np.int64(pg_size),
+            _NO_ADD if add is None else add.params,
         )
 
     def _rowsum(self, a: np.ndarray, rowsum: np.ndarray | None) -> np.ndarray:
@@ -808,7 +845,7 @@ class PackedLaunch:
             a,
             rowsum,
             out if mode == OUT_INT32 else _EMPTY_I32,
-            out.view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY_U8,
+            out.view(np.uint8) if mode in (OUT_QUANTIZED, OUT_QUANTIZED_ADD) else _EMPTY_U8,
             out if mode == OUT_FLOAT else _EMPTY_F32,
             *self.const,
         )
@@ -832,7 +869,7 @@ class PackedLaunch:
             a,
             self._rowsum(a, rowsum),
             out if mode == OUT_INT32 else _EMPTY_I32,
-            out.view(np.uint8) if mode == OUT_QUANTIZED else _EMPTY_U8,
+            out.view(np.uint8) if mode in (OUT_QUANTIZED, OUT_QUANTIZED_ADD) else _EMPTY_U8,
             out if mode == OUT_FLOAT else _EMPTY_F32,
             *c[:5],
             packed.data,
@@ -864,20 +901,21 @@ def run_packed(
     use_vnni: bool | None = None,
     a_step: int = 4,
     rowsum: np.ndarray | None = None,
+    add: ColumnAdd | None = None,
 ) -> None:
     """One-off driver call over a prepared uint8 activation buffer into `out` (flat).
 
     `a_zp` is the activation zero point in the uint8 domain of `a` (already shifted).
     `bias` (int32 per column) is added to the accumulator; `fscale`/`fbias` are the
-    float epilogue's per-column scale and bias. `a_step` is the byte distance between
-    consecutive 4-byte groups of one row (4 unpacked, 4*MR for A packed in tiles);
-    `rowsum` may be given when the packing already computed it. Hot paths keep a
-    `PackedLaunch` instead.
+    float epilogue's per-column scale and bias; `add` is mode OUT_QUANTIZED_ADD's second
+    stage. `a_step` is the byte distance between consecutive 4-byte groups of one row
+    (4 unpacked, 4*MR for A packed in tiles); `rowsum` may be given when the packing
+    already computed it. Hot paths keep a `PackedLaunch` instead.
     """
     PackedLaunch(
         row_off, group_stride, taps, a_zp, packed, mode=mode, out_row_off=out_row_off,
         out_col_stride=out_col_stride, bias=bias, mult=mult, y_zp=y_zp, q_range=q_range,
-        fscale=fscale, fbias=fbias, use_vnni=use_vnni, a_step=a_step,
+        fscale=fscale, fbias=fbias, use_vnni=use_vnni, a_step=a_step, add=add,
     ).run(a, out, rowsum)
 
 
@@ -1010,14 +1048,17 @@ def _gemm_launch(
     use_vnni: bool | None,
     memo: bool,
     direct: bool = False,
+    add: ColumnAdd | None = None,
 ) -> PackedLaunch:
     """The PackedLaunch of a (batched) GEMM, memoized on the weights.
 
     A is tile-packed ([G][M/MR][K/4][MR][4], `pack_rows`), or with `direct` read in
     place: uint8 [G, M, K] C-contiguous with K % 4 == 0, row m at byte m*K.
+    `out_dtype` is the GEMM's own (first-stage) output type, also with `add`.
     """
     key = ("gemm", g, m, kp, a_zp, out_dtype.str, y_zp, use_vnni, config.kernel_choice(),
-           direct, _bytes_key(bias), _bytes_key(mult), _bytes_key(fscale), _bytes_key(fbias))
+           direct, _bytes_key(bias), _bytes_key(mult), _bytes_key(fscale), _bytes_key(fbias),
+           None if add is None else add.key())
     hit = packed.memo.get(key) if memo else None
     if hit is not None:
         return hit
@@ -1028,6 +1069,10 @@ def _gemm_launch(
         raise ValueError("float output needs fscale")
     if mode == OUT_QUANTIZED and mult is None:
         raise ValueError("quantized output needs mult")
+    if add is not None:
+        if mode != OUT_QUANTIZED or fbias is not None:
+            raise ValueError("a ColumnAdd follows an 8-bit output (and has no fbias)")
+        mode, fbias = OUT_QUANTIZED_ADD, np.broadcast_to(add.term, (packed.cols,))
     n_all = packed.groups * packed.cols
     if g > 1:  # per-column parameters repeat per batch entry
         mult = None if mult is None else np.tile(np.broadcast_to(mult, (packed.cols,)), g)
@@ -1057,6 +1102,7 @@ def _gemm_launch(
         use_vnni=use_vnni,
         a_step=4 if direct else 4 * MAX_ROWS,
         col_term=col_term,
+        add=add,
     )
     if memo:
         if len(packed.memo) > 64:
@@ -1116,14 +1162,17 @@ def gemm(
     fbias: np.ndarray | None = None,
     use_vnni: bool | None = None,
     memo: bool = True,
+    add: ColumnAdd | None = None,
 ) -> np.ndarray:
     """(A - a_zp)(B - b_zp) for A [M, K] uint8/int8 and packed B, into out_dtype [M, N].
 
     A may also be [G, M, K] with B packed as G groups (`pack_batched` or constant
     batched weights): one driver call for all G products, output [G, M, N].
     out_dtype int32: the exact accumulator (+ int32 bias). uint8/int8: requantized with
-    per-column `mult` and `y_zp`. float32: acc * fscale[n] + fbias[n]. The launch is
-    memoized on `packed` (set memo=False for weights packed per call).
+    per-column `mult` and `y_zp`. float32: acc * fscale[n] + fbias[n]. With `add`, the
+    8-bit result then goes through that per-column QLinearAdd in the same epilogue and
+    the output has `add.out_dtype`. The launch is memoized on `packed` (set memo=False
+    for weights packed per call).
     """
     _check(a, packed)
     g = 1 if a.ndim == 2 else a.shape[0]
@@ -1137,8 +1186,9 @@ def gemm(
     else:
         buf, _, rowsum, shift = pack_rows(a, packed.has_zero_point)
     launch = _gemm_launch(packed, g, m, kp, int(a_zp) + shift, out_dtype, bias, mult,
-                          int(y_zp), fscale, fbias, use_vnni, memo, direct is not None)
-    out = np.empty((g, m, n) if a.ndim == 3 else (m, n), out_dtype)
+                          int(y_zp), fscale, fbias, use_vnni, memo, direct is not None, add)
+    store = out_dtype if add is None else add.out_dtype
+    out = np.empty((g, m, n) if a.ndim == 3 else (m, n), store)
     launch.run(buf, out.reshape(-1), rowsum)
     return out
 

@@ -36,6 +36,9 @@ columns (k-masked stores).
     magic add, then the exact integer steps done on the bits (see `_round_to_byte`):
     bit-identical;
   *  2: float32 ``float32(acc + col - bzp*rowsum) * fscale + fbias`` (no FMA contraction).
+  *  3: mode 1's value q, then ``requant.requantize_add(q, scale, offset, fbias, lo2,
+    hi2)`` (a per-column QLinearAdd: the per-column term rides in ``fbias``, the scalars
+    in ``qf[3:7]``), stored as the byte: the int8 tile is written once.
   The row-sum correction runs when ``use_rowsum`` (``rowsum[rs0 + m]``).
 
 If the host lacks AVX512-VNNI (see config.host_has_vnni) the same intrinsic emits a
@@ -57,7 +60,11 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 from qlinear.runtime.kernels.config import host_has_vnni
-from qlinear.runtime.kernels.requant import requantize_ir
+from qlinear.runtime.kernels.requant import (
+    requantize_add_ir,
+    requantize_float_ir,
+    requantize_ir,
+)
 
 #: Register block of full panels: rows per tile (MR) and columns per tile (NR = 4 zmm).
 MAX_ROWS = 6
@@ -300,7 +307,7 @@ def _build_tile_function(fn: ir.Function, rows: int, nvec: int) -> None:
 
 
 def _fused_epilogue(builder, arg, accs, rows, nvec, emode, row_idx):
-    """Epilogue modes 0/1/2 (see the module doc) from the accumulators.
+    """Epilogue modes 0/1/2/3 (see the module doc) from the accumulators.
 
     Column-major order: one vector column of parameters (2..3 zmm) is live at a time
     next to the accumulators, loaded after the previous column's stores (which may
@@ -340,35 +347,54 @@ def _fused_epilogue(builder, arg, accs, rows, nvec, emode, row_idx):
         return _splat(builder, builder.load(builder.gep(arg["qf"], [ir.Constant(_I64, i)])),
                       _V16F)
 
+    def store_bytes(add: bool) -> None:
+        """Modes 1 (add=False) and 3: requantize (then add), store the bytes."""
+        out_q = arg["out_q"]
+        for j in range(nvec):
+            mult = param("mult", j, _V16F)
+            lo_v, hi_v, zp_f = qparam(1), qparam(2), qparam(0)
+            zp_v = builder.fptosi(zp_f, _V16)
+            if add:
+                term = param("fbias", j, _V16F)
+                scale, offset, lo2, hi2 = (qparam(i) for i in (3, 4, 5, 6))
+            for r in range(rows):
+                acc = builder.load(accs[r * nvec + j])
+                if add:
+                    q1 = requantize_float_ir(builder, acc, mult, lo_v, hi_v, zp_f)
+                    q = requantize_add_ir(builder, q1, scale, offset, term, lo2, hi2)
+                else:
+                    q = requantize_ir(builder, acc, mult, lo_v, hi_v, zp_v)
+                _masked_store(builder, builder.trunc(q, _V16B), out_ptr(out_q, r, j), masks[j])
+
+    def store_wide() -> None:
+        """Modes 0 (int32) and 2 (float32)."""
+        is_i = builder.icmp_signed("==", emode, ir.Constant(_I64, 0))
+        with builder.if_else(is_i) as (then_i, then_f):
+            with then_i:
+                out_i = arg["out_i32"]
+                for j in range(nvec):
+                    for r in range(rows):
+                        acc = builder.load(accs[r * nvec + j])
+                        _masked_store(builder, acc, out_ptr(out_i, r, j), masks[j])
+            with then_f:
+                out_f = arg["out_f"]
+                for j in range(nvec):
+                    fs, fb = param("fscale", j, _V16F), param("fbias", j, _V16F)
+                    for r in range(rows):
+                        acc = builder.load(accs[r * nvec + j])
+                        v = builder.fadd(builder.fmul(builder.sitofp(acc, _V16F), fs), fb)
+                        _masked_store(builder, v, out_ptr(out_f, r, j), masks[j])
+
     is_q = builder.icmp_signed("==", emode, ir.Constant(_I64, 1))
+    is_qa = builder.icmp_signed("==", emode, ir.Constant(_I64, 3))
     with builder.if_else(is_q, likely=True) as (then_q, other):
         with then_q:
-            out_q = arg["out_q"]
-            for j in range(nvec):
-                mult = param("mult", j, _V16F)
-                lo_v, hi_v = qparam(1), qparam(2)
-                zp_v = builder.fptosi(qparam(0), _V16)
-                for r in range(rows):
-                    acc = builder.load(accs[r * nvec + j])
-                    q = builder.trunc(requantize_ir(builder, acc, mult, lo_v, hi_v, zp_v), _V16B)
-                    _masked_store(builder, q, out_ptr(out_q, r, j), masks[j])
-        with other:
-            is_i = builder.icmp_signed("==", emode, ir.Constant(_I64, 0))
-            with builder.if_else(is_i) as (then_i, then_f):
-                with then_i:
-                    out_i = arg["out_i32"]
-                    for j in range(nvec):
-                        for r in range(rows):
-                            acc = builder.load(accs[r * nvec + j])
-                            _masked_store(builder, acc, out_ptr(out_i, r, j), masks[j])
-                with then_f:
-                    out_f = arg["out_f"]
-                    for j in range(nvec):
-                        fs, fb = param("fscale", j, _V16F), param("fbias", j, _V16F)
-                        for r in range(rows):
-                            acc = builder.load(accs[r * nvec + j])
-                            v = builder.fadd(builder.fmul(builder.sitofp(acc, _V16F), fs), fb)
-                            _masked_store(builder, v, out_ptr(out_f, r, j), masks[j])
+            store_bytes(add=False)
+        with other, builder.if_else(is_qa) as (then_qa, wide):
+            with then_qa:
+                store_bytes(add=True)
+            with wide:
+                store_wide()
 
 
 #: Full 64-column panels: 1..6 rows (the row remainder of a block runs exact).

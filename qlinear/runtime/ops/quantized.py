@@ -23,7 +23,7 @@ from qlinear.runtime.kernels.gemm import (
     pack_weights,
 )
 from qlinear.runtime.kernels.patches import conv_patches, is_patchify, pack_patch_weights
-from qlinear.runtime.kernels.requant import output_multiplier
+from qlinear.runtime.kernels.requant import ColumnAdd, output_multiplier
 from qlinear.runtime.registry import Kernel, NodeSpec, register
 
 _INT8_TYPES = (np.dtype(np.uint8), np.dtype(np.int8))
@@ -223,23 +223,29 @@ def _matmul_integer(spec: NodeSpec) -> Kernel:
     return run
 
 
-@register("QLinearMatMul", since=10)
-def _qlinear_matmul(spec: NodeSpec) -> Kernel:
-    """Requantized (A - a_zp)(B - b_zp); per-tensor or per-column B parameters."""
-    b_const = spec.const(3)
-    pack_2d = b_const is not None and b_const.ndim == 2 and _zp_known(spec, 5)
-    packed = (
-        pack_matrix(
-            b_const, column_vector(spec.const(5), b_const.shape[1], "b_zero_point", np.int32)
+class QLinearMatMulKernel:
+    """QLinearMatMul's kernel: requantized (A - a_zp)(B - b_zp), per-tensor or per-column
+    B parameters; constant 2-D B packed once.
+
+    `then_add` gives the same product followed by a per-column QLinearAdd done in the
+    GEMM's epilogue (a plan-time step fusion), sharing the packed weights.
+    """
+
+    def __init__(self, spec: NodeSpec) -> None:
+        b_const = spec.const(3)
+        self._packed = (
+            pack_matrix(
+                b_const, column_vector(spec.const(5), b_const.shape[1], "b_zero_point", np.int32)
+            )
+            if b_const is not None and b_const.ndim == 2 and _zp_known(spec, 5)
+            else None
         )
-        if pack_2d
-        else None
-    )
+        n = None if b_const is None else b_const.shape[-1]
+        self._mult = _const_multiplier(spec, 1, 4, 6, n)
+        self._batched = BatchedB(b_const, spec.const(5), _zp_known(spec, 5))
 
-    mult_const = _const_multiplier(spec, 1, 4, 6, None if b_const is None else b_const.shape[-1])
-    batched = BatchedB(b_const, spec.const(5), _zp_known(spec, 5))
-
-    def run(
+    def __call__(
+        self,
         a: np.ndarray,
         a_scale: np.ndarray,
         a_zp: np.ndarray,
@@ -249,6 +255,21 @@ def _qlinear_matmul(spec: NodeSpec) -> Kernel:
         y_scale: np.ndarray,
         y_zp: np.ndarray,
     ) -> np.ndarray:
+        return self._run(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, None)
+
+    def then_add(self, add: ColumnAdd) -> Kernel | None:
+        """A kernel with this one's inputs returning QLinearAdd(product, constant) as
+        `add` describes it, or None unless B is a packed constant matrix with constant
+        scales (then every call takes the fused 2-D GEMM)."""
+        if self._packed is None or self._mult is None or add.term.size != self._packed.cols:
+            return None
+
+        def run(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp):
+            return self._run(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, add)
+
+        return run
+
+    def _run(self, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, add):
         _check_int8("a", a)
         _check_int8("b", b)
         out_dtype = np.asarray(y_zp).dtype
@@ -256,12 +277,13 @@ def _qlinear_matmul(spec: NodeSpec) -> Kernel:
         yzp = scalar_zero_point(y_zp, "y_zero_point")
         n = b.shape[-1] if b.ndim > 1 else 1
         mult = (
-            mult_const
-            if mult_const is not None
+            self._mult
+            if self._mult is not None
             else output_multiplier(
                 a_scale, column_vector(b_scale, n, "b_scale", np.float32), y_scale, n
             )
         )
+        packed = self._packed
 
         def run_2d(a2: np.ndarray, b2: np.ndarray | None) -> np.ndarray:
             p = (
@@ -269,16 +291,20 @@ def _qlinear_matmul(spec: NodeSpec) -> Kernel:
                 if b2 is None
                 else pack_matrix(b2, column_vector(b_zp, b2.shape[1], "b_zero_point", np.int32))
             )
-            return gemm(a2, azp, p, out_dtype=out_dtype, mult=mult, y_zp=yzp, memo=b2 is None)
+            return gemm(a2, azp, p, out_dtype=out_dtype, mult=mult, y_zp=yzp, memo=b2 is None,
+                        add=add)
 
         def run_3d(a3: np.ndarray, b3: np.ndarray) -> np.ndarray:
-            return batched.run(a3, azp, b3, b_zp, out_dtype=out_dtype, mult=mult, y_zp=yzp)
+            return self._batched.run(a3, azp, b3, b_zp, out_dtype=out_dtype, mult=mult, y_zp=yzp)
 
         return _matmul_batched(
             a, b, run_2d, packed, run_3d if BatchedB.usable(b, b_zp) else None
         )
 
-    return run
+
+@register("QLinearMatMul", since=10)
+def _qlinear_matmul(spec: NodeSpec) -> Kernel:
+    return QLinearMatMulKernel(spec)
 
 
 # --------------------------------------------------------------------------- conv
