@@ -213,3 +213,29 @@ def test_float_vs_fused_int8_model_never_pairs_tensors_of_another_layout(layout)
     assert all(r.own.sqnr_db > 20 and r.accumulated.sqnr_db > 15 for r in layers)
     if layout == "nchw":
         assert len(layers) >= 10, "fused NCHW nodes map back through qlinear.replaces"
+
+
+def test_fused_matmul_weights_with_per_column_scales_resolve_along_their_output_axis():
+    """A fused MatMul weight [K, N] with per-column scales [N] dequantizes along axis 1.
+    Resolved along axis 0 it broadcast [N, 1] against [K, N]: a crash, or for square
+    weights silently per-row scales."""
+    import qlinear
+
+    model = zoo.build("bert", "small")
+    calib = zoo.calibration_batches("bert", model, n=2, batch=2)
+    fused = qlinear.optimize(qlinear.quantize(model, calib))
+    inits = {i.name: numpy_helper.to_array(i) for i in fused.graph.initializer}
+    data = zoo.example_inputs("bert", model, batch=2, seed=3)
+    result = compare(model, fused, data, batch_size=2)
+    wants = []
+    for node in fused.graph.node:
+        if node.op_type == "MatMulIntegerToFloat" and node.input[1] in inits:
+            q, scale, zp = (inits[node.input[i]] for i in (1, 3, 5))
+            assert scale.shape == (q.shape[1],)
+            wants.append((q.astype(np.float32) - zp.astype(np.float32)) * scale)
+    weighted = [r.weight for r in result.layers if r.weight is not None]
+    assert len(wants) >= 4
+    for want in wants:  # every fused linear layer's weight, resolved per output column
+        found = [w for w in weighted
+                 if w.values.shape == want.shape and np.array_equal(w.values, want)]
+        assert found and all(w.per_channel and w.channel_axis == 1 for w in found)

@@ -48,6 +48,8 @@ WEIGHT_INPUTS: dict[str, tuple[int, int, int]] = {
     "QLinearConv": (3, 4, 5),
     "QLinearMatMul": (3, 4, 5),
     "QGemm": (3, 4, 5),
+    "MatMulIntegerToFloat": (1, 3, 5),
+    "DynamicQuantizeMatMul": (1, 2, 3),
 }
 
 REPLACES_KEY = "qlinear.replaces"
@@ -346,9 +348,10 @@ def layer_weight(view: GraphView, key: str) -> WeightInfo | None:
     if node.op_type in WEIGHT_INPUTS:
         w, s, z = (node.input[i] for i in WEIGHT_INPUTS[node.op_type])
         if w in view.consts and s in view.consts:
-            ref = ValueRef(w, view.consts[s], view.consts.get(z), axis=0)
-            values = ref.resolve(view.consts[w])
-            return WeightInfo(values, view.consts[s].size > 1, _out_axis(node, values))
+            q = view.consts[w]
+            axis = _out_axis(node, q)  # per-channel parameters run along the output axis
+            values = ValueRef(w, view.consts[s], view.consts.get(z), axis=axis).resolve(q)
+            return WeightInfo(values, view.consts[s].size > 1, axis)
         return None
     for name in node.input:
         dq = view.producers.get(name)
@@ -372,7 +375,8 @@ def _out_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
     if node.op_type in ("Gemm", "QGemm"):
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         return 0 if trans_b else weight.ndim - 1
-    if node.op_type in ("MatMul", "QLinearMatMul", "MatMulInteger"):
+    if node.op_type in ("MatMul", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+                        "DynamicQuantizeMatMul"):
         return weight.ndim - 1
     return 0
 
