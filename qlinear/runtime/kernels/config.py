@@ -69,6 +69,18 @@ def use_vnni(override: str | None = None) -> bool:
     return host_has_vnni()
 
 
+def host_has_vbmi() -> bool:
+    """True when the CPU executes 512-bit vpermi2b (AVX512-VBMI): the byte table lookup."""
+    feats = host_cpu_features()
+    return "avx512vbmi" in feats and "avx512bw" in feats and "avx512f" in feats
+
+
+def use_vbmi(override: str | None = None) -> bool:
+    """Whether to run the VBMI byte-lookup kernel (``portable`` forces the scalar loop;
+    ``vnni`` says nothing about VBMI, so it still follows the CPU)."""
+    return kernel_choice(override) != "portable" and host_has_vbmi()
+
+
 _local = threading.local()
 
 
