@@ -155,3 +155,33 @@ def test_an_error_inside_a_pooled_kernel_reaches_the_caller(two_threads) -> None
     out = np.zeros(64, np.int64)
     run_tasks(_divide_by_tasks, 64, BIG, np.int64(64), np.ones(64, np.int64), out)
     assert (out == 100).all()  # the pool is usable after the error
+
+
+@njit(cache=True, nogil=True)
+def _slow_second_task(counters, ntasks, spins, out):
+    while True:
+        t = claim(counters)
+        if t >= ntasks:
+            break
+        s = 0.0
+        for i in range(spins if t == 1 else 1):
+            s += np.sqrt(i)
+        out[t] = s
+        finish(counters)
+
+
+def test_a_long_wait_for_a_helper_backs_off_to_the_caller_alone(two_threads, monkeypatch):
+    """A caller that waited long for a joined helper runs the next calls alone."""
+    if config.num_threads() < 2:
+        pytest.skip("numba has a single thread here")
+    monkeypatch.setattr(parallel, "LONG_WAIT_TICKS", 1000)
+    monkeypatch.setattr(parallel, "BACKOFF_SECONDS", 30.0)
+    monkeypatch.setattr(parallel, "_backoff_until", 0.0)
+    deadline = time.monotonic() + 60
+    while parallel._backoff_until == 0.0 and time.monotonic() < deadline:
+        run_tasks(_slow_second_task, 2, BIG, np.int64(2), np.int64(300_000), np.zeros(2))
+    assert parallel._backoff_until > time.monotonic(), "no helper ever ran the slow task"
+    for _ in range(5):  # backing off: nothing runs beside the caller
+        flags = np.zeros(2, np.int64)
+        run_tasks(_rendezvous, 2, BIG, np.int64(2), flags, np.int64(200_000))
+        assert flags[0] == 0

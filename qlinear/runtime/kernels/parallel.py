@@ -22,9 +22,11 @@ only to sleep after ~1-2 ms without work. Tasks inside a job are claimed from an
 counter, so the caller never waits for a helper to wake up.
 
 A kernel written for this takes `counters` (int64[2]: next task, tasks done) first and
-loops ``while (t := claim(counters)) < ntasks: ...; finish(counters)``. Tasks must
-write disjoint outputs. A kernel that raises on any thread makes `run_tasks` run it
-again alone, so the exception (which numba keeps in native code) reaches the caller.
+loops ``while True: t = claim(counters); if t >= ntasks: break; ...; finish(counters)``.
+Tasks must write disjoint outputs. A kernel that raises on any thread makes `run_tasks`
+run it again alone, so the exception (which numba keeps in native code) reaches the
+caller. When a joined helper is seen descheduled (another process holds the other
+core), calls run on the caller alone for a short while (BACKOFF_SECONDS).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import hashlib
 import inspect
 import os
 import threading
+from time import monotonic as _monotonic
 from typing import Any
 
 import numpy as np
@@ -59,7 +62,7 @@ SPIN_TICKS = 3_000_000
 # The job block: one int64 per cache line, so a helper polling GEN does not share a line
 # with the words the caller writes.
 _LINE = 8
-GEN, SLOTS, LEFT, FN, ARG, STOP, FAILED, YIELD = (i * _LINE for i in range(8))
+GEN, SLOTS, LEFT, FN, ARG, STOP, FAILED, YIELD, WAITED = (i * _LINE for i in range(9))
 
 #: Polls between two sched_yield calls of an idle helper, and ticks a caller spins for
 #: its helpers before it starts yielding. When the machine is oversubscribed a helper
@@ -68,6 +71,14 @@ GEN, SLOTS, LEFT, FN, ARG, STOP, FAILED, YIELD = (i * _LINE for i in range(8))
 #: beside BERT at batch 1: 21.6 ms with pure spinning vs 11.7 ms on one thread.
 YIELD_EVERY = 64
 WAIT_SPIN_TICKS = 30_000
+
+#: A caller that waited longer than this (cycle-counter ticks, ~0.8 ms at 2.6 GHz) for a helper
+#: that had joined saw it descheduled mid-task: another process holds the other core.
+#: The next calls then run on the calling thread alone for BACKOFF_SECONDS before the
+#: helpers are tried again. Measured here with the other core busy: a 4 MB lookup took
+#: 2.5 ms on two threads against 1.3 ms on one.
+LONG_WAIT_TICKS = 2_000_000
+BACKOFF_SECONDS = 0.02
 
 
 def _element_ptr(context, builder, aryty, aryv, idx_v, idx_ty):
@@ -255,6 +266,7 @@ def _publish_and_run(job, fn, argp, helpers):
     _atomic_add(job, GEN, 1)
     failed = _call_trampoline(fn, argp)
     joined = helpers - _atomic_exchange(job, SLOTS, 0)
+    job[WAITED] = 0
     if joined:
         since = _ticks()
         while _atomic_load(job, LEFT) < joined:
@@ -262,6 +274,7 @@ def _publish_and_run(job, fn, argp, helpers):
                 _yield_cpu(job)
             else:
                 _cpu_relax()
+        job[WAITED] = _ticks() - since
     return failed + _atomic_load(job, FAILED)
 
 
@@ -338,7 +351,7 @@ def _make_launcher(kernel: Any) -> Any:
     return launcher
 
 
-_job = np.zeros(8 * _LINE, np.int64)
+_job = np.zeros(9 * _LINE, np.int64)
 _launchers: dict[Any, Any] = {}
 
 
@@ -356,6 +369,7 @@ _wake = threading.Condition()
 _threads: list[threading.Thread] = []
 _sleeping = 0
 _stopping = False
+_backoff_until = 0.0  # time.monotonic() before which calls run on the caller alone
 
 
 def _helper_main() -> None:
@@ -418,9 +432,16 @@ def run_tasks(kernel: Any, ntasks: int, work: int, *args: Any) -> None:
     `work` (multiply-adds) decides whether helpers are worth it; the thread count is the
     calling thread's (config.set_num_threads), so sessions keep their num_threads.
     """
+    global _backoff_until
     counters = np.zeros(2, np.int64)
     threads = config.num_threads()
-    if threads > 1 and ntasks > 1 and work >= SERIAL_WORK and _pool_lock.acquire(blocking=False):
+    if (
+        threads > 1
+        and ntasks > 1
+        and work >= SERIAL_WORK
+        and _monotonic() >= _backoff_until
+        and _pool_lock.acquire(blocking=False)
+    ):
         try:
             helpers = min(threads, ntasks) - 1
             _wake_helpers(helpers)
@@ -428,6 +449,8 @@ def run_tasks(kernel: Any, ntasks: int, work: int, *args: Any) -> None:
             if launcher is None:
                 launcher = _launchers[kernel] = _make_launcher(kernel)
             failed = launcher(_job, helpers, (counters, *args))
+            if _job[WAITED] > LONG_WAIT_TICKS:
+                _backoff_until = _monotonic() + BACKOFF_SECONDS
         finally:
             _pool_lock.release()
         if failed:
