@@ -185,3 +185,20 @@ def test_a_long_wait_for_a_helper_backs_off_to_the_caller_alone(two_threads, mon
         flags = np.zeros(2, np.int64)
         run_tasks(_rendezvous, 2, BIG, np.int64(2), flags, np.int64(200_000))
         assert flags[0] == 0
+
+
+def test_a_sleeping_helper_joins_the_call_that_wakes_it(two_threads) -> None:
+    """Calls longer than a helper's idle spin used to run alone forever: the woken helper
+    took the job that woke it for already seen, then went back to sleep before the next."""
+    if config.num_threads() < 2:
+        pytest.skip("numba has a single thread here")
+    flags = np.zeros(2, np.int64)
+    run_tasks(_rendezvous, 2, BIG, np.int64(2), flags, np.int64(2_000_000))  # helpers up
+    joined = 0
+    for _ in range(5):
+        time.sleep(0.02)  # well past the idle spin: the helper is asleep in Python
+        assert parallel._sleeping >= 1 or parallel._backoff_until > time.monotonic()
+        flags = np.zeros(2, np.int64)
+        run_tasks(_rendezvous, 2, BIG, np.int64(2), flags, np.int64(20_000_000))
+        joined += int(flags[0])
+    assert joined >= 3

@@ -62,7 +62,7 @@ SPIN_TICKS = 3_000_000
 # The job block: one int64 per cache line, so a helper polling GEN does not share a line
 # with the words the caller writes.
 _LINE = 8
-GEN, SLOTS, LEFT, FN, ARG, STOP, FAILED, YIELD, WAITED = (i * _LINE for i in range(9))
+GEN, SLOTS, LEFT, FN, ARG, STOP, FAILED, YIELD, WAITED, RAN = (i * _LINE for i in range(10))
 
 #: Polls between two sched_yield calls of an idle helper, and ticks a caller spins for
 #: its helpers before it starts yielding. When the machine is oversubscribed a helper
@@ -264,7 +264,9 @@ def _publish_and_run(job, fn, argp, helpers):
     job[FAILED] = 0
     _atomic_store(job, SLOTS, helpers)
     _atomic_add(job, GEN, 1)
+    start = _ticks()
     failed = _call_trampoline(fn, argp)
+    job[RAN] = _ticks() - start
     joined = helpers - _atomic_exchange(job, SLOTS, 0)
     job[WAITED] = 0
     if joined:
@@ -279,9 +281,10 @@ def _publish_and_run(job, fn, argp, helpers):
 
 
 @njit(**JIT)
-def _helper_loop(job: np.ndarray, spin_ticks: int) -> int:
-    """Join jobs until stopped (returns 0) or idle for `spin_ticks` (returns 1)."""
-    seen = _atomic_load(job, GEN)
+def _helper_loop(job: np.ndarray, spin_ticks: int, seen: int) -> int:
+    """Join jobs newer than generation `seen` until stopped (returns -1) or idle for
+    `spin_ticks` (returns the last generation seen, to pass back in after a sleep: the
+    job that woke a sleeping helper is newer, so the helper joins it)."""
     idle_since = _ticks()
     polls = 0
     while True:
@@ -301,9 +304,9 @@ def _helper_loop(job: np.ndarray, spin_ticks: int) -> int:
                     break
             idle_since = _ticks()
         elif _atomic_load(job, STOP) != 0:
-            return 0
+            return -1
         elif _ticks() - idle_since > spin_ticks:
-            return 1
+            return seen
         else:
             polls += 1
             if polls % YIELD_EVERY == 0:
@@ -351,7 +354,7 @@ def _make_launcher(kernel: Any) -> Any:
     return launcher
 
 
-_job = np.zeros(9 * _LINE, np.int64)
+_job = np.zeros(10 * _LINE, np.int64)
 _launchers: dict[Any, Any] = {}
 
 
@@ -374,8 +377,10 @@ _backoff_until = 0.0  # time.monotonic() before which calls run on the caller al
 
 def _helper_main() -> None:
     global _sleeping
+    seen = -1  # a new helper joins the job that is running now
     while not _stopping:
-        if _helper_loop(_job, SPIN_TICKS) == 0:
+        seen = _helper_loop(_job, SPIN_TICKS, seen)
+        if seen < 0:
             return
         with _wake:
             if _stopping:
@@ -426,6 +431,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_helpers_in_child)
 
 
+def _waited_for_a_descheduled_helper(ntasks: int, threads: int) -> bool:
+    """The caller waited long, and much longer than one task takes (long tasks alone
+    make a legitimate wait: a 1024^3 GEMM's last task can take a millisecond)."""
+    waited = int(_job[WAITED])
+    if waited <= LONG_WAIT_TICKS:
+        return False
+    per_task = int(_job[RAN]) * threads // max(ntasks, 1)
+    return waited > 3 * per_task
+
+
 def run_tasks(kernel: Any, ntasks: int, work: int, *args: Any) -> None:
     """kernel(counters, *args) on the calling thread plus helpers; returns when all are done.
 
@@ -449,7 +464,7 @@ def run_tasks(kernel: Any, ntasks: int, work: int, *args: Any) -> None:
             if launcher is None:
                 launcher = _launchers[kernel] = _make_launcher(kernel)
             failed = launcher(_job, helpers, (counters, *args))
-            if _job[WAITED] > LONG_WAIT_TICKS:
+            if _waited_for_a_descheduled_helper(ntasks, threads):
                 _backoff_until = _monotonic() + BACKOFF_SECONDS
         finally:
             _pool_lock.release()
