@@ -135,3 +135,32 @@ def test_domain_name_shared_with_passes():
     from qlinear.passes.layout_analysis import QLINEAR_DOMAIN as PASS_DOMAIN
 
     assert PASS_DOMAIN == QLINEAR_DOMAIN
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[3]])
+def test_a_constant_conv_keeps_one_plan_per_input_shape_and_kernel_choice(case, monkeypatch):
+    """With every parameter constant the op keeps its plans by input shape (no parameter
+    checks per call): shapes and QLINEAR_KERNELS changing between runs still give the
+    exact result of a fresh session."""
+    c_in, c_out, group, k, s, pads, d, _, _ = case
+    consts = {
+        "xs": np.float32(0.04), "xz": np.array(7, np.uint8),
+        "w": _ints(np.int8, (c_out, c_in // group, *k), -60, 60),
+        "ws": RNG.uniform(0.001, 0.01, c_out).astype(np.float32),
+        "wz": _ints(np.int8, (c_out,), -3, 3), "ys": np.float32(0.3),
+        "yz": np.array(120, np.uint8), "b": RNG.integers(-500, 500, c_out).astype(np.int32),
+    }
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"],
+                            ["y"], domain=MS, channels_last=1, kernel_shape=list(k),
+                            strides=list(s), pads=list(pads), dilations=list(d), group=group)
+    model = _model([node], {"x": _ints(np.uint8, (1, 9, 9, c_in))}, consts, TensorProto.UINT8)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "h"
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "w"
+    session = Session(model, optimize=False)
+    for shape, kernels in [((1, 9, 9), "auto"), ((2, 7, 11), "auto"), ((1, 9, 9), "portable"),
+                           ((2, 7, 11), "portable"), ((1, 9, 9), "auto")]:
+        monkeypatch.setenv("QLINEAR_KERNELS", kernels)
+        x = _ints(np.uint8, (*shape, c_in))
+        want = Session(model, optimize=False).run(None, {"x": x})[0]
+        np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
