@@ -280,3 +280,19 @@ def test_transpose_of_channels_to_last_equals_numpy(shape, dtype) -> None:
     y = run(x)
     np.testing.assert_array_equal(y, np.transpose(x, perm))
     assert y.flags.c_contiguous
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 130, 131), (1, 4, 128, 128), (3, 1, 16385)])
+def test_transpose_of_channels_to_last_splits_large_images_exactly(shape) -> None:
+    from qlinear.runtime.kernels import config
+
+    x = np.random.default_rng(5).integers(0, 256, shape).astype(np.uint8)
+    perm = (0, *range(2, len(shape)), 1)
+    run = kernel("Transpose", ["x"], 13, perm=list(perm))
+    before = config.num_threads()
+    try:
+        for threads in (1, 2):
+            config.set_num_threads(threads)
+            np.testing.assert_array_equal(run(x), np.transpose(x, perm))
+    finally:
+        config.set_num_threads(before)
