@@ -86,6 +86,11 @@ def nhwc_rows() -> list[dict]:
     for cin, cout, hw in MBV2_POINTWISE:
         rows.append(dict(kind="conv", layout="nhwc", name=f"MBv2 1x1 {cin}->{cout} @{hw}",
                          cin=cin, cout=cout, hw=hw, k=1, stride=1, group=1, act="u8"))
+    # network stems: three input channels (the image), stride 2
+    rows.append(dict(kind="conv", layout="nhwc", name="MBv2 stem 3x3 s2 3->32 @224",
+                     cin=3, cout=32, hw=224, k=3, stride=2, group=1, act="u8"))
+    rows.append(dict(kind="conv", layout="nhwc", name="R18 stem 7x7 s2 3->64 @224",
+                     cin=3, cout=64, hw=224, k=7, stride=2, group=1, act="u8"))
     return rows
 
 
