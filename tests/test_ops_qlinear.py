@@ -293,6 +293,29 @@ def test_qlinear_matmul_large_k_vs_ort(kernels, k, n, seed):
     np.testing.assert_array_equal(case.ours(kernels), want)
 
 
+@pytest.mark.parametrize("a_dtype", [np.uint8, np.int8])
+def test_a_constant_qlinear_matmul_resolves_each_activation_shape_once(a_dtype):
+    """Constant B and parameters: one kernel keeps a prepared call per activation shape,
+    dtype and contiguity; changing shapes and a strided activation stay exact."""
+    rng = np.random.default_rng(7)
+    k, n = 37, 70
+    base = dict(m=1, k=k, n=n, batch_a=(), batch_b=(), a_dtype=a_dtype, b_dtype=np.int8,
+                y_dtype=np.uint8, per_column=True, y_scale=0.05, const_b=True, seed=3)
+    case = _qmatmul_case(base)
+    spec = NodeSpec(case.node, 13, consts={i: np.asarray(case.inputs[i]) for i in case.consts})
+    kernel = lookup("", "QLinearMatMul", 13)(spec)
+    wide = _rand(rng, (6, 2 * k), a_dtype)
+    for a in [_rand(rng, (5, k), a_dtype), _rand(rng, (2, 3, k), a_dtype), wide[:, ::2],
+              _rand(rng, (5, k), a_dtype), wide[:, 1::2]]:
+        inputs = [np.asarray(v) for v in (a, *case.inputs[1:])]
+        # the general path: a_zero_point fed at run time, so nothing is prepared
+        general = Case("QLinearMatMul", inputs, case.consts - {2}, opset=13).ours()
+        np.testing.assert_array_equal(kernel(*inputs), general)
+        want = Case("QLinearMatMul", inputs, case.consts, opset=13).ort()
+        if want is not None:  # ORT has no int8 x uint8 -> uint8 QLinearMatMul
+            np.testing.assert_array_equal(general, want)
+
+
 # --------------------------------------------------------------------------- *Integer ops
 
 
