@@ -513,13 +513,15 @@ def _transpose_block(src, soff, sstride, dst, doff, dstride, n_rows, n_cols):
 
 
 #: Pixels per task of the transposes (a last, shorter range joins the one before it).
-_TRANSPOSE_PIXELS = 64
+#: Not 64: a task then wrote one cache line per plane, shared with the neighbouring task
+#: (another thread) whenever the buffer was not 64-byte aligned (conv.NCHW_BLOCK).
+_TRANSPOSE_PIXELS = 256
 
 
 @njit(**JIT)
 def _transpose_images(counters, src, n_img, rows, cols, srow, dst, drow, by_cols):
     """Per image: dst[j * drow + i] = src[i * srow + j] (i < rows, j < cols; images of
-    rows * srow bytes in src, cols * drow in dst), one range of 64 pixels per task: a
+    rows * srow bytes in src, cols * drow in dst), one range of _TRANSPOSE_PIXELS pixels per task: a
     range of columns when `by_cols` (the pixels are the columns), else of rows."""
     pix = cols if by_cols else rows
     ranges = max(1, pix // _TRANSPOSE_PIXELS)
