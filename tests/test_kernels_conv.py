@@ -183,3 +183,25 @@ def test_conv_nhwc_plans_and_buffers(kernels, x_dtype, c_in, c_out, group, k, st
         got = conv_nhwc(xt, x_zp, packed, stride, dil, begin, end, out_dtype=x_dtype, bias=bias,
                         mult=mult, y_zp=7)
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("b,pix,ch,dtype", [
+    (2, 300, 130, np.uint8),  # byte path: partial pixel and channel blocks
+    (1, 264, 136, np.uint8),  # 8 x 8 word path, several channel blocks
+    (1, 196, 1024, np.uint8),  # 14 x 14 x 1024: one pixel block, 16 channel blocks
+    (2, 70, 67, np.int32),
+])
+def test_rows_to_nchw_splits_pixels_and_channels_exactly(b, pix, ch, dtype):
+    from qlinear.runtime.kernels.conv import _to_nchw
+
+    rng = np.random.default_rng(pix)
+    rows = rng.integers(0, 255, (b, pix, ch)).astype(dtype)
+    before = config.num_threads()
+    try:
+        for threads in (1, 2):
+            config.set_num_threads(threads)
+            out = np.empty((b, ch, pix), dtype)
+            _to_nchw(rows, out)
+            np.testing.assert_array_equal(out, rows.transpose(0, 2, 1))
+    finally:
+        config.set_num_threads(before)

@@ -49,6 +49,9 @@ BYTE_WORK = 32
 #: tasks shared every line they wrote whenever numpy's buffer was not 64-byte aligned
 #: (large arrays sit at 16 mod 64): 2 threads ran 2x slower than 1 in some processes.
 NCHW_BLOCK = 256
+#: Channels per task of those transposes (tasks also split channels: small images with
+#: many channels, 14x14x1024, are otherwise one task).
+NCHW_CHANNELS = 64
 
 
 def resolve_pads(
@@ -457,24 +460,29 @@ def _nhwc_rows(counters, x, flip, fill, chan_dst, pt, pl, out):
 
 @njit(**JIT)
 def _rows_to_nchw(counters, src, dst):
-    """dst[b, c, p] = src[b, p, c], one block of NCHW_BLOCK pixels per task, 16 x 16
-    sub-blocks."""
+    """dst[b, c, p] = src[b, p, c], NCHW_BLOCK pixels x NCHW_CHANNELS channels per task,
+    16 x 16 sub-blocks."""
     nb, pix, ch = src.shape
     sf = src.reshape(-1)
     df = dst.reshape(-1)
     blocks = (pix + NCHW_BLOCK - 1) // NCHW_BLOCK
-    ntasks = nb * blocks
+    cblocks = (ch + NCHW_CHANNELS - 1) // NCHW_CHANNELS
+    ntasks = nb * blocks * cblocks
     uch = _U(ch)
     upix = _U(pix)
     while True:
         task = claim(counters)
         if task >= ntasks:
             break
-        bi = task // blocks
-        p_start = (task - bi * blocks) * NCHW_BLOCK
+        bi = task // (blocks * cblocks)
+        rest = task - bi * blocks * cblocks
+        pb = rest // cblocks
+        c_lo = (rest - pb * cblocks) * NCHW_CHANNELS
+        c_hi = min(ch, c_lo + NCHW_CHANNELS)
+        p_start = pb * NCHW_BLOCK
         p_end = min(pix, p_start + NCHW_BLOCK)
-        for c0 in range(0, ch, 16):
-            cn = min(16, ch - c0)
+        for c0 in range(c_lo, c_hi, 16):
+            cn = min(16, c_hi - c0)
             for p0 in range(p_start, p_end, 16):
                 pn = _U(min(16, p_end - p0))
                 for cc in range(cn):
@@ -488,24 +496,30 @@ def _rows_to_nchw(counters, src, dst):
 @njit(**JIT)
 def _rows_to_nchw_words(counters, src, dst):
     """uint8 `_rows_to_nchw` in 8 x 8 byte blocks: src [B, pix, C/8] and dst [B, C, pix/8]
-    as uint64 words (pix % 8 == 0, C % 8 == 0); one block of NCHW_BLOCK pixels per task."""
+    as uint64 words (pix % 8 == 0, C % 8 == 0); NCHW_BLOCK pixels x NCHW_CHANNELS
+    channels per task."""
     nb, pix, c8 = src.shape
     p8 = dst.shape[2]
     sf = src.reshape(-1)
     df = dst.reshape(-1)
     words = NCHW_BLOCK // 8
     blocks = (p8 + words - 1) // words
-    ntasks = nb * blocks
+    cwords = NCHW_CHANNELS // 8
+    cblocks = (c8 + cwords - 1) // cwords
+    ntasks = nb * blocks * cblocks
     uc8 = _U(c8)
     up8 = _U(p8)
     while True:
         task = claim(counters)
         if task >= ntasks:
             break
-        bi = task // blocks
-        pb0 = (task - bi * blocks) * words
+        bi = task // (blocks * cblocks)
+        rest = task - bi * blocks * cblocks
+        pblock = rest // cblocks
+        cb_lo = (rest - pblock * cblocks) * cwords
+        pb0 = pblock * words
         for pb in range(pb0, min(p8, pb0 + words)):
-            for cb in range(c8):
+            for cb in range(cb_lo, min(c8, cb_lo + cwords)):
                 s = (_U(bi) * _U(pix) + _U(pb * 8)) * uc8 + _U(cb)
                 r0, r1, r2, r3, r4, r5, r6, r7 = _transpose8x8(
                     sf[s],
@@ -535,7 +549,7 @@ def _to_nchw(rows_out: np.ndarray, out: np.ndarray) -> None:
     if rows_out.dtype.itemsize == 1 and pix % 8 == 0 and ch % 8 == 0:
         run_tasks(
             _rows_to_nchw_words,
-            b * -(-pix // NCHW_BLOCK),
+            b * -(-pix // NCHW_BLOCK) * -(-ch // NCHW_CHANNELS),
             b * pix * ch * BYTE_WORK,
             rows_out.view(np.uint8).view(np.uint64).reshape(b, pix, ch // 8),
             out.view(np.uint8).reshape(b, ch, pix).view(np.uint64),
@@ -544,7 +558,8 @@ def _to_nchw(rows_out: np.ndarray, out: np.ndarray) -> None:
     src = rows_out.view(np.uint8) if rows_out.dtype.itemsize == 1 else rows_out.view(np.int32)
     dst = out.reshape(b, ch, pix)
     dst = dst.view(np.uint8) if dst.dtype.itemsize == 1 else dst.view(np.int32)
-    run_tasks(_rows_to_nchw, b * -(-pix // NCHW_BLOCK), b * pix * ch * BYTE_WORK, src, dst)
+    run_tasks(_rows_to_nchw, b * -(-pix // NCHW_BLOCK) * -(-ch // NCHW_CHANNELS),
+              b * pix * ch * BYTE_WORK, src, dst)
 
 
 def _conv_depthwise(x4, x_zp, packed, k2, s2, d2, b2, o2, out, mode, info, bias, mult, y_zp,
