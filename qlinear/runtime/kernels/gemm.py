@@ -1133,6 +1133,18 @@ def _check(a: np.ndarray, packed: PackedWeights) -> None:
         )
 
 
+def _activation_rows(
+    a: np.ndarray, whole_groups: bool, want_rowsum: bool
+) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """(buffer the driver reads, row sums or None, whether A is read directly): the
+    direct rows when `_direct_rows` allows them, else packed tiles."""
+    direct = _direct_rows(a, whole_groups)
+    if direct is not None:
+        return direct, None, True
+    buf, _, rowsum, _ = pack_rows(a, want_rowsum)
+    return buf, rowsum, False
+
+
 def _direct_rows(a: np.ndarray, whole_groups: bool) -> np.ndarray | None:
     """A as the flat uint8 rows the driver reads directly (row m at byte m*K), or None
     when it needs `pack_rows` (K not a multiple of 4: packing pads it).
@@ -1180,13 +1192,9 @@ def gemm(
     n = packed.cols
     out_dtype = np.dtype(out_dtype)
     kp = round_up(max(packed.k, 1), 4)
-    direct = _direct_rows(a, kp == packed.k)
-    if direct is not None:
-        buf, rowsum, shift = direct, None, ACT_SHIFT[a.dtype]
-    else:
-        buf, _, rowsum, shift = pack_rows(a, packed.has_zero_point)
-    launch = _gemm_launch(packed, g, m, kp, int(a_zp) + shift, out_dtype, bias, mult,
-                          int(y_zp), fscale, fbias, use_vnni, memo, direct is not None, add)
+    buf, rowsum, direct = _activation_rows(a, kp == packed.k, packed.has_zero_point)
+    launch = _gemm_launch(packed, g, m, kp, int(a_zp) + ACT_SHIFT[a.dtype], out_dtype, bias,
+                          mult, int(y_zp), fscale, fbias, use_vnni, memo, direct, add)
     store = out_dtype if add is None else add.out_dtype
     out = np.empty((g, m, n) if a.ndim == 3 else (m, n), store)
     launch.run(buf, out.reshape(-1), rowsum)
@@ -1222,11 +1230,7 @@ class GemmCall:
         self.out_dtype = out_dtype if add is None else add.out_dtype
 
     def __call__(self, a: np.ndarray) -> np.ndarray:
-        direct = _direct_rows(a, self.whole)
-        if direct is not None:
-            buf, rowsum = direct, None
-        else:
-            buf, _, rowsum, _ = pack_rows(a, self.packed.has_zero_point)
+        buf, rowsum, _ = _activation_rows(a, self.whole, self.packed.has_zero_point)
         out = np.empty(self.out_shape, self.out_dtype)
         self.launch.run(buf, out.reshape(-1), rowsum)
         return out
