@@ -164,3 +164,24 @@ def test_a_constant_conv_keeps_one_plan_per_input_shape_and_kernel_choice(case, 
         x = _ints(np.uint8, (*shape, c_in))
         want = Session(model, optimize=False).run(None, {"x": x})[0]
         np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
+
+
+def test_a_constant_conv_still_names_an_input_with_the_wrong_channel_count():
+    """The per-shape plans must not skip the input check a plan is built with."""
+    from qlinear.errors import QlinearError
+
+    c_in, c_out = 8, 16
+    consts = {
+        "xs": np.float32(0.02), "xz": np.array(128, np.uint8),
+        "w": _ints(np.int8, (c_out, c_in, 1, 1)), "ws": np.full(c_out, 0.01, np.float32),
+        "wz": np.zeros(c_out, np.int8), "ys": np.float32(0.05), "yz": np.array(128, np.uint8),
+    }
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"],
+                            ["y"], domain=MS, channels_last=1)
+    model = _model([node], {"x": _ints(np.uint8, (1, 4, 4, c_in))}, consts, TensorProto.UINT8)
+    for i, name in enumerate("nhwc"):
+        model.graph.input[0].type.tensor_type.shape.dim[i].dim_param = name
+    session = Session(model, optimize=False)
+    session.run(None, {"x": _ints(np.uint8, (1, 4, 4, c_in))})
+    with pytest.raises(QlinearError, match=r"\(1, 4, 4, 5\).*C_in=8"):
+        session.run(None, {"x": _ints(np.uint8, (1, 4, 4, 5))})

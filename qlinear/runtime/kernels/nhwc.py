@@ -248,10 +248,6 @@ def conv_nhwc(
     shape (memoized on `packed`), so a call is one copy (only when padding is needed)
     and one numba launch.
     """
-    if x.dtype not in ACT_SHIFT:
-        raise TypeError(f"conv input must be uint8 or int8, got {x.dtype}")
-    if x.ndim != 4 or x.shape[3] != packed.c_in:
-        raise ValueError(f"NHWC input {x.shape} does not match weights (C_in={packed.c_in})")
     plan = conv_nhwc_plan(x, x_zp, packed, strides, dilations, begin, end,
                           out_dtype=out_dtype, bias=bias, mult=mult, y_zp=y_zp)
     return run_conv_plan(plan, x, packed.c_out)
@@ -274,6 +270,10 @@ def conv_nhwc_plan(
     """The plan of `conv_nhwc` for x's shape and dtype (memoized on `packed`). Callers
     whose parameters are all constant keep it per input shape and call `run_conv_plan`:
     the memo key hashes the bias and multipliers, ~2 us per call."""
+    if x.dtype not in ACT_SHIFT:
+        raise TypeError(f"conv input must be uint8 or int8, got {x.dtype}")
+    if x.ndim != 4 or x.shape[3] != packed.c_in:
+        raise ValueError(f"NHWC input {x.shape} does not match weights (C_in={packed.c_in})")
     out_dtype = np.dtype(out_dtype)
     key = (x.shape, x.dtype.str, strides, dilations, begin, end, out_dtype.str, int(x_zp),
            int(y_zp), config.kernel_choice(),
