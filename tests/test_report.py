@@ -146,3 +146,17 @@ def test_cli_missing_model_is_one_clear_error(tmp_path):
     _, b, data = _models(tmp_path)
     with pytest.raises(QlinearError, match="does not exist"):
         _cli(["compare", str(tmp_path / "nope.onnx"), b, "--data", data])
+
+
+def test_an_all_zero_weight_channel_is_named_not_printed_as_infx(tmp_path):
+    a, b, data = _models(tmp_path)
+    result = compare(a, b, data, batch_size=6)
+    from qlinear.report.matching import WeightInfo
+
+    layer = next(r for r in result.layers if r.name == "h")
+    w1 = numpy_helper.to_array(onnx.load(a).graph.initializer[0]).copy()
+    w1[:, 0] = 0.0  # one output channel (axis 1) of zeros: the spread is infinite
+    layer.weight = WeightInfo(w1, per_channel=False, channel_axis=1)
+    rule = next(s for s in suggest(result) if s.tensor == "h" and s.rule == "per_channel_weights")
+    assert rule.value == float("inf")
+    assert "infx" not in rule.reason and "all-zero channel" in rule.reason

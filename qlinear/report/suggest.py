@@ -43,6 +43,11 @@ def _own_sqnr(layer: LayerResult, _: CompareResult) -> float | None:
     return layer.own.sqnr_db if math.isfinite(layer.own.sqnr_db) else None
 
 
+def _shown(value: float) -> str:
+    """A measure as the reason quotes it ("inf" read as "infx": a channel of zeros)."""
+    return f"{value:.1f}" if math.isfinite(value) else "∞ (an all-zero channel)"
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str
@@ -57,23 +62,23 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "per_channel_weights", _per_tensor_spread, 4.0, True,
         "quantize this layer's weights per channel",
-        "weights are per-tensor and output-channel ranges differ by max/min = {value:.1f}x "
+        "weights are per-tensor and output-channel ranges differ by max/min = {value}x "
         "(> {threshold:g}x)",
     ),
     Rule(
         "smoothquant", _input_outliers, 8.0, True,
         "apply SmoothQuant to this MatMul",
-        "its input activation has outliers: max/p99.9 = {value:.1f} (> {threshold:g})",
+        "its input activation has outliers: max/p99.9 = {value} (> {threshold:g})",
     ),
     Rule(
         "int16_activations", _output_outliers, 8.0, True,
         "use int16 activations (or percentile calibration) for this tensor",
-        "activation range is set by outliers: max/p99.9 = {value:.1f} (> {threshold:g})",
+        "activation range is set by outliers: max/p99.9 = {value} (> {threshold:g})",
     ),
     Rule(
         "exclude_node", _own_sqnr, 20.0, False,
         "exclude this node from quantization (keep it in float)",
-        "it alone brings SQNR down to {value:.1f} dB (< {threshold:g} dB)",
+        "it alone brings SQNR down to {value} dB (< {threshold:g} dB)",
     ),
 )  # fmt: skip
 
@@ -119,7 +124,8 @@ def suggest(result: CompareResult, worst: int = 5) -> list[Suggestion]:
                         op_type=layer.match.op_a,
                         rule=rule.name,
                         action=rule.action,
-                        reason=rule.reason.format(value=value, threshold=rule.threshold),
+                        reason=rule.reason.format(value=_shown(value),
+                                                  threshold=rule.threshold),
                         value=value,
                         threshold=rule.threshold,
                     )
