@@ -239,3 +239,25 @@ def test_fused_matmul_weights_with_per_column_scales_resolve_along_their_output_
         found = [w for w in weighted
                  if w.values.shape == want.shape and np.array_equal(w.values, want)]
         assert found and all(w.per_channel and w.channel_axis == 1 for w in found)
+
+
+def test_a_gather_table_is_not_judged_as_a_weight_with_output_channels():
+    """An embedding table's rows are not output channels: a zero padding row made the
+    per-channel rule report an infinite spread for the Gather."""
+    from qlinear.report.matching import build_view, layer_weight
+
+    table = np.random.default_rng(0).integers(-100, 100, (6, 4)).astype(np.int8)
+    table[0] = 0  # the padding row
+    nodes = [
+        helper.make_node("DequantizeLinear", ["t_q", "t_s", "t_z"], ["t"]),
+        helper.make_node("Gather", ["t", "ids"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [numpy_helper.from_array(table, "t_q"),
+         numpy_helper.from_array(np.float32(0.1), "t_s"),
+         numpy_helper.from_array(np.int8(0), "t_z")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    assert layer_weight(build_view(model), "y") is None

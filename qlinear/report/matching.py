@@ -353,6 +353,8 @@ def layer_weight(view: GraphView, key: str) -> WeightInfo | None:
             values = ValueRef(w, view.consts[s], view.consts.get(z), axis=axis).resolve(q)
             return WeightInfo(values, view.consts[s].size > 1, axis)
         return None
+    if node.op_type not in _CHANNEL_WEIGHT_OPS:
+        return None  # a Gather table or an Add constant has no output channels to judge
     for name in node.input:
         dq = view.producers.get(name)
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in view.consts:
@@ -368,6 +370,10 @@ def layer_weight(view: GraphView, key: str) -> WeightInfo | None:
         values = ValueRef(name, scale, zp, axis=axis).resolve(q)
         return WeightInfo(values, scale.size > 1, _out_axis(node, values))
     return None
+
+
+#: Float ops whose dequantized constant input is a weight with output channels.
+_CHANNEL_WEIGHT_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 
 
 def _out_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
