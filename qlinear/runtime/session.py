@@ -273,18 +273,11 @@ class Session:
                 continue
             steps.append(step)
         self.fallback_ops = sorted({s.spec.op_type for s in steps if s.fallback})
-        self._producible = (
-            set(self._consts)
-            | {i.name for i in self._inputs}
-            | {o for s in steps for o in s.outputs if o}
-        )
+        node_outputs = {o for s in steps for o in s.outputs if o}
+        self._producible = set(self._consts) | {i.name for i in self._inputs} | node_outputs
         if self._fuse_steps:
             steps = fuse_steps(steps, self._value_types, self._output_names)
-            produced = {o for s in steps for o in s.outputs if o}
-            self._fused_away = {
-                o for o in self._producible - produced
-                if o not in self._consts and o not in {i.name for i in self._inputs}
-            }
+            self._fused_away = node_outputs - {o for s in steps for o in s.outputs if o}
         self._steps = steps
         missing = [o.name for o in self._outputs if o.name not in self._producible]
         if missing:
