@@ -26,6 +26,7 @@ from qlinear.errors import (
 )
 from qlinear.onnx_io import ModelLike, load_model
 from qlinear.runtime.fallback import reference_kernel
+from qlinear.runtime.native_chain import plan_chains
 from qlinear.runtime.registry import Kernel, NodeSpec, lookup, normalize_domain
 from qlinear.runtime.step_fusion import fuse_steps
 
@@ -102,6 +103,7 @@ class Session:
         optimize: bool = True,
         _fold_overridable: bool = True,
         _fuse_steps: bool = True,
+        _chains: bool = True,
     ) -> None:
         source = str(model) if isinstance(model, (str, os.PathLike)) else "model"
         proto = load_model(model)
@@ -124,6 +126,8 @@ class Session:
         # Plan-time step fusions drop intermediate values; a run that asks for one of
         # them (per-layer compare) uses a second plan without step fusions.
         self._fuse_steps = _fuse_steps
+        # Runs of native-only steps replay as one native call (native_chain).
+        self._chains = _chains
         self._fused_away: set[str] = set()
         self._unfused: Session | None = None
         self._outputs = [_tensor_info(vi) for vi in graph.output]
@@ -131,6 +135,7 @@ class Session:
         self._value_types = inferred_types(proto)
         self.fallback_ops: list[str] = []
         self._steps: list[_Step] = []
+        self._flat_steps: list[_Step] = []
         self._plan(graph)
 
     # -- public API -------------------------------------------------------------------
@@ -179,6 +184,7 @@ class Session:
                     num_threads=self._num_threads,
                     optimize=False,
                     _fold_overridable=False,
+                    _chains=self._chains,
                 )
             return self._unfolded._execute(output_names, feeds, times)
         names = [o.name for o in self._outputs] if not output_names else list(output_names)
@@ -213,33 +219,8 @@ class Session:
     def _run_steps(
         self, env: dict[str, np.ndarray], keep: set[str], times: list[NodeTime] | None, clock: Any
     ) -> None:
-        """Run the plan. The per-node Python here is what a batch-1 run of a small model
-        spends between kernels, so the common single-output case takes the short path."""
-        ndarray = np.ndarray
-        for step in self._steps:
-            args = [env[n] if n else None for n in step.inputs]
-            start = clock() if times is not None else 0.0
-            try:
-                result = step.kernel(*args)
-            except QlinearError:
-                raise
-            except Exception as exc:
-                raise NodeExecutionError(_failure_message(step.spec, args, exc)) from exc
-            if times is not None:
-                times.append(NodeTime(step.spec.name, step.spec.op_type, clock() - start))
-            outputs = step.outputs
-            if type(result) is ndarray and len(outputs) == 1:
-                if outputs[0]:
-                    env[outputs[0]] = result
-            else:
-                if isinstance(result, ndarray) or np.isscalar(result):
-                    result = (result,)
-                for name, value in zip(outputs, result, strict=False):
-                    if name:
-                        env[name] = value if isinstance(value, ndarray) else np.asarray(value)
-            for name in step.release:
-                if name not in keep:
-                    env.pop(name, None)
+        # a profiled run times every node: chains run as their steps
+        _run_plan(self._flat_steps if times is not None else self._steps, env, keep, times, clock)
 
     # -- planning ---------------------------------------------------------------------
 
@@ -278,11 +259,18 @@ class Session:
         if self._fuse_steps:
             steps = fuse_steps(steps, self._value_types, self._output_names)
             self._fused_away = node_outputs - {o for s in steps for o in s.outputs if o}
-        self._steps = steps
         missing = [o.name for o in self._outputs if o.name not in self._producible]
         if missing:
             raise InvalidModelError(f"graph outputs {missing} are produced by no node")
+        self._steps = self._flat_steps = steps
         self._plan_lifetimes()
+        if self._fuse_steps and self._chains:
+            self._steps, hidden = plan_chains(
+                steps, self._output_names, self._consts,
+                lambda inner, env, keep: _run_plan(inner, env, keep, None, time.perf_counter),
+                lambda chain, first: _Step(first.spec, chain, chain.inputs, chain.outputs))
+            self._fused_away |= hidden
+            self._plan_lifetimes()
 
     def _choose_kernel(
         self, spec: NodeSpec, functions: list[onnx.FunctionProto]
@@ -374,6 +362,42 @@ class Session:
         if missing:
             raise InputError(f"missing input(s) {', '.join(map(repr, missing))}")
         return checked
+
+
+def _run_plan(
+    steps: Sequence[_Step],
+    env: dict[str, np.ndarray],
+    keep: set[str],
+    times: list[NodeTime] | None,
+    clock: Any,
+) -> None:
+    """Run the plan. The per-node Python here is what a batch-1 run of a small model
+    spends between kernels, so the common single-output case takes the short path."""
+    ndarray = np.ndarray
+    for step in steps:
+        args = [env[n] if n else None for n in step.inputs]
+        start = clock() if times is not None else 0.0
+        try:
+            result = step.kernel(*args)
+        except QlinearError:
+            raise
+        except Exception as exc:
+            raise NodeExecutionError(_failure_message(step.spec, args, exc)) from exc
+        if times is not None:
+            times.append(NodeTime(step.spec.name, step.spec.op_type, clock() - start))
+        outputs = step.outputs
+        if type(result) is ndarray and len(outputs) == 1:
+            if outputs[0]:
+                env[outputs[0]] = result
+        else:
+            if isinstance(result, ndarray) or np.isscalar(result):
+                result = (result,)
+            for name, value in zip(outputs, result, strict=False):
+                if name:
+                    env[name] = value if isinstance(value, ndarray) else np.asarray(value)
+        for name in step.release:
+            if name not in keep:
+                env.pop(name, None)
 
 
 def _optimized(model: onnx.ModelProto) -> onnx.ModelProto:

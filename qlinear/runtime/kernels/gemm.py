@@ -35,7 +35,7 @@ from numba import njit
 
 from qlinear.runtime.kernels import config
 from qlinear.runtime.kernels.config import JIT
-from qlinear.runtime.kernels.parallel import claim, finish, run_tasks
+from qlinear.runtime.kernels.parallel import claim, finish, run_tasks, unrecorded
 from qlinear.runtime.kernels.requant import (
     OUT_FLOAT,
     OUT_INT32,
@@ -831,6 +831,7 @@ class PackedLaunch:
             if int(self.const[4]) != 4:
                 raise ValueError("row sums of tile-packed activations must come from the packing")
             rowsum = np.empty(self.groups * self.m_total, np.int32)
+            unrecorded()  # a serial pass outside run_tasks: not replayable
             _row_sums(a, *self.rowsum_args, rowsum)
         return rowsum
 

@@ -32,11 +32,13 @@ core), calls run on the caller alone for a short while (BACKOFF_SECONDS).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import hashlib
 import inspect
 import os
 import threading
+from collections.abc import Iterator
 from time import monotonic as _monotonic
 from typing import Any
 
@@ -367,6 +369,7 @@ def _sched_yield_address() -> int:
 
 _job[YIELD] = _sched_yield_address()
 _pool_lock = threading.Lock()  # one job at a time; a second caller runs alone
+_record_lock = threading.Lock()
 _start_lock = threading.Lock()
 _wake = threading.Condition()
 _threads: list[threading.Thread] = []
@@ -419,10 +422,11 @@ def _stop_helpers() -> None:
 
 def _forget_helpers_in_child() -> None:
     """A forked child has no helper threads (and maybe a held lock): start afresh."""
-    global _pool_lock, _start_lock, _wake, _sleeping
+    global _pool_lock, _start_lock, _wake, _sleeping, _record_lock, _recording
     _threads.clear()
     _sleeping = 0
     _pool_lock, _start_lock, _wake = threading.Lock(), threading.Lock(), threading.Condition()
+    _record_lock, _recording = threading.Lock(), None
     _job[:] = 0
     _job[YIELD] = _sched_yield_address()
 
@@ -441,6 +445,52 @@ def _waited_for_a_descheduled_helper(ntasks: int, threads: int) -> bool:
     return waited > 3 * per_task
 
 
+class Recording:
+    """The kernel calls one thread makes while it is active (`record_calls`): a run of
+    steps that only launch kernels then replays natively (kernels.program)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, int, int, tuple]] = []
+        self.complete = True  # false once something ran native work outside run_tasks
+        self.active = True  # false when another thread was recording: nothing recorded
+
+
+_recording: Recording | None = None
+_recording_thread = 0
+
+
+@contextlib.contextmanager
+def record_calls() -> Iterator[Recording]:
+    """Record this thread's `run_tasks` calls (kernel, task count, work, arguments);
+    the calls still run. One recording at a time per process (others run unrecorded)."""
+    global _recording, _recording_thread
+    rec = Recording()
+    with _record_lock:
+        if _recording is not None:
+            rec.complete = rec.active = False
+            yield rec
+            return
+        _recording, _recording_thread = rec, threading.get_ident()
+    try:
+        yield rec
+    finally:
+        with _record_lock:
+            _recording, _recording_thread = None, 0
+
+
+def recording() -> bool:
+    """True when this thread's kernel calls are being recorded: per-thread reused
+    scratch must then be private to the recorded calls."""
+    return _recording is not None and _recording_thread == threading.get_ident()
+
+
+def unrecorded() -> None:
+    """Mark the recording incomplete: the caller did native work outside run_tasks, so a
+    replay of the recorded calls alone would not reproduce it."""
+    if _recording is not None and _recording_thread == threading.get_ident():
+        _recording.complete = False
+
+
 def run_tasks(kernel: Any, ntasks: int, work: int, *args: Any) -> None:
     """kernel(counters, *args) on the calling thread plus helpers; returns when all are done.
 
@@ -449,6 +499,8 @@ def run_tasks(kernel: Any, ntasks: int, work: int, *args: Any) -> None:
     This runs once per kernel call (52 times in a MobileNetV2 run), so it is kept lean.
     """
     global _backoff_until
+    if _recording is not None and _recording_thread == threading.get_ident():
+        _recording.calls.append((kernel, ntasks, work, args))
     counters = np.zeros(2, np.int64)
     if work < SERIAL_WORK or ntasks < 2:
         kernel(counters, *args)

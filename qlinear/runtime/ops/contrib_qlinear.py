@@ -33,6 +33,7 @@ from onnx import helper
 from qlinear.quant import QuantParams, dequantize_affine, quantize_affine
 from qlinear.runtime.kernels import qelementwise as qk
 from qlinear.runtime.kernels.gemm import gemm, pack_matrix
+from qlinear.runtime.kernels.parallel import unrecorded
 from qlinear.runtime.kernels.requant import float_scale, output_multiplier, requantize_array
 from qlinear.runtime.registry import MS_DOMAIN, Kernel, NodeSpec, register
 
@@ -167,10 +168,13 @@ def _qlinear_add(spec: NodeSpec) -> Kernel:
         plan = plans.get(a, b, dtype)
         if plan is not None:
             return qk.qlinear_add(a, b, plan, r_ac, r_bc, fixed, dtype)
+        unrecorded()  # numpy, not native tasks
         y = a.astype(np.float32) * r_ac + (b.astype(np.float32) * r_bc + fixed)
         info = np.iinfo(dtype)
         return np.clip(np.rint(y), info.min, info.max).astype(dtype)
 
+    # constant parameters: a call with a 3-D broadcast plan is one run of native tasks
+    run.replayable = fixed_params is not None
     return run
 
 

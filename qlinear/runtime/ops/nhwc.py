@@ -19,6 +19,7 @@ import numpy as np
 from qlinear.runtime.kernels.config import kernel_choice
 from qlinear.runtime.kernels.conv import conv, pack_conv_weights, resolve_pads
 from qlinear.runtime.kernels.nhwc import conv_nhwc, conv_nhwc_plan, max_pool_nhwc, run_conv_plan
+from qlinear.runtime.kernels.parallel import unrecorded
 from qlinear.runtime.kernels.patches import conv_patches
 from qlinear.runtime.kernels.requant import output_multiplier
 from qlinear.runtime.ops.quantized import (
@@ -116,6 +117,7 @@ def _ms_qlinear_conv(spec: NodeSpec) -> Kernel:
         strides, dilations, begin, end = weights.attrs.resolve(nchw, w.shape)
         patch = patches.get(nchw[2:], strides, dilations, begin, end, weights.attrs.group)
         if patch is not None:
+            unrecorded()  # builds its patch rows outside run_tasks
             return conv_patches(x, scalar_zero_point(x_zp, "x_zero_point"), patch,
                                 patches.kernel, channels_last, out_dtype=out_dtype, bias=b32,
                                 mult=mult, y_zp=scalar_zero_point(y_zp, "y_zero_point"))
@@ -132,6 +134,8 @@ def _ms_qlinear_conv(spec: NodeSpec) -> Kernel:
             plans[(x.shape, x.dtype, kernel_choice())] = plan
         return run_conv_plan(plan, x, c_out)
 
+    # constant parameters: every call is one planned run of native tasks (native_chain)
+    run.replayable = constant
     return run
 
 
@@ -172,4 +176,5 @@ def _nhwc_max_pool(spec: NodeSpec) -> Kernel:
                                   None if pads is None else tuple(pads))
         return max_pool_nhwc(x, kernel, strides, dilations, begin, end, ceil_mode)
 
+    run.replayable = True  # one run of native tasks per call (native_chain)
     return run
