@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import qlinear
@@ -193,3 +195,146 @@ def test_a_value_a_fusion_dropped_can_still_be_fetched(monkeypatch):
     np.testing.assert_array_equal(y, want_y)
     np.testing.assert_array_equal(fused.run(None, feeds)[0], want_y)
     assert "mm" in fused.value_names
+
+
+# ------------------------------------------------------- quantize + move channels last
+
+NHWC = (0, 2, 3, 1)
+
+
+def _quantize_to_last(dtype, scale=0.0186, zp=114, *, perm=NHWC, rank=4, scale_shape=(),
+                      expose_q=False, reuse_q=False, x_type=TensorProto.FLOAT, opset=17):
+    """x (float NCHW) -> QuantizeLinear -> q -> Transpose(perm) -> y: the start of every
+    NHWC CNN, with the knobs the fusion must look at. Dims are symbolic."""
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    dims = ["N", "C", "H", "W", "D"][:rank]
+    inits = [numpy_helper.from_array(np.full(scale_shape, scale, np.float32), "s"),
+             numpy_helper.from_array(np.full(scale_shape, zp, dtype), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], axis=1),
+             helper.make_node("Transpose", ["q"], ["y"], perm=list(perm))]
+    outputs = [helper.make_tensor_value_info("y", et, None)]
+    if expose_q:
+        outputs.append(helper.make_tensor_value_info("q", et, None))
+    if reuse_q:  # a second reader of the quantized NCHW tensor
+        nodes.append(helper.make_node("Neg", ["q"], ["r"]) if dtype == np.int8 else
+                     helper.make_node("Identity", ["q"], ["r"]))
+        outputs.append(helper.make_tensor_value_info("r", et, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", x_type, dims)],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _ort(model, feeds):
+    return ort.InferenceSession(model.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _run_all_ways(model, x):
+    """(fused session, its outputs, the unfused plan's outputs, onnxruntime's)."""
+    fused = qlinear.Session(model, optimize=False)
+    got = fused.run(None, {"x": x})
+    want = qlinear.Session(model, optimize=False, _fuse_steps=False).run(None, {"x": x})
+    return fused, got, want, _ort(model, {"x": x})
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from([np.uint8, np.int8]),
+       shape=st.tuples(st.integers(1, 3), st.integers(1, 17), st.integers(1, 40),
+                       st.integers(1, 40)))
+def test_quantize_then_channels_last_is_one_step_with_the_same_bits(data, dtype, shape):
+    info = np.iinfo(dtype)
+    # powers of two make exact ties (h + 0.5) * scale
+    scale = data.draw(st.one_of(st.floats(2.0 ** -12, 16.0, width=32),
+                                st.integers(-12, 4).map(lambda e: 2.0 ** e)), label="scale")
+    zp = data.draw(st.integers(int(info.min), int(info.max)), label="zero point")
+    # values from numpy (an array this big is too much for hypothesis to draw), spread
+    # from well inside the range to far beyond both ends; then exact ties and specials
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    spread = data.draw(st.sampled_from([3.0, 60.0, 300.0, 1e4]), label="spread")
+    x = (rng.normal(0, spread, shape) * scale).astype(np.float32)
+    flat = x.reshape(-1)
+    ties = rng.random(flat.size) < 0.2
+    flat[ties] = rng.integers(-600, 600, int(ties.sum())) * 0.5 * scale
+    specials = data.draw(st.lists(st.sampled_from(
+        [np.nan, np.inf, -np.inf, 3e38, -3e38, 0.0, -0.0, 1e-40]), max_size=6), label="specials")
+    flat[rng.integers(0, flat.size, len(specials))] = specials
+    fused, (y,), (want,), (ref,) = _run_all_ways(_quantize_to_last(dtype, scale, zp), x)
+    assert [s.spec.op_type for s in fused._steps] == ["QuantizeLinear"]
+    assert y.dtype == dtype and y.shape == (shape[0], shape[2], shape[3], shape[1])
+    assert y.flags.c_contiguous
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("channels", [1, 3, 4, 16, 17])
+def test_quantize_then_channels_last_of_an_image(dtype, channels):
+    """Image-sized inputs: many tasks (so both threads), every channel-count path, NaN
+    (-> the lowest value, as onnxruntime) and ±inf."""
+    info = np.iinfo(dtype)
+    x = RNG.normal(0, 2.5, (2, channels, 224, 97)).astype(np.float32)
+    x.reshape(-1)[:5] = (np.nan, np.inf, -np.inf, 1e30, -1e30)
+    fused, (y,), (want,), (ref,) = _run_all_ways(
+        _quantize_to_last(dtype, 0.0186, info.min + 114), x)
+    assert [s.spec.op_type for s in fused._steps] == ["QuantizeLinear"]
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("rank", [3, 5])
+def test_quantize_then_channels_last_of_other_ranks(rank):
+    perm = (0, *range(2, rank), 1)
+    shape = (2, 3, 33, 5, 4)[:rank]
+    x = RNG.normal(0, 3, shape).astype(np.float32)
+    fused, (y,), (want,), (ref,) = _run_all_ways(
+        _quantize_to_last(np.int8, 0.05, -3, perm=perm, rank=rank), x)
+    assert [s.spec.op_type for s in fused._steps] == ["QuantizeLinear"]
+    assert y.shape == tuple(shape[p] for p in perm)
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("knob", [
+    dict(expose_q=True),  # the quantized NCHW tensor is a graph output
+    dict(reuse_q=True),  # another node reads it
+    dict(perm=(0, 3, 1, 2)),  # not channels last
+    dict(perm=(0, 1, 3, 2)),
+    dict(scale_shape=(3,)),  # per-axis quantization
+])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_quantize_then_transpose_near_misses_stay_two_steps(knob, dtype):
+    model = _quantize_to_last(dtype, **knob)
+    x = RNG.normal(0, 2, (2, 3, 9, 11)).astype(np.float32)
+    session, got, want, ref = _run_all_ways(model, x)
+    ops = [s.spec.op_type for s in session._steps]
+    assert ops[:2] == ["QuantizeLinear", "Transpose"]
+    for a, b, c in zip(got, want, ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_a_fused_quantize_of_another_input_type_runs_the_graph():
+    """An int32 input (QuantizeLinear-13 allows it): the fused step runs the original two
+    kernels."""
+    model = _quantize_to_last(np.uint8, 0.5, 7, x_type=TensorProto.INT32, opset=13)
+    x = RNG.integers(-200, 200, (1, 3, 5, 6)).astype(np.int32)
+    fused = qlinear.Session(model, optimize=False)
+    assert [s.spec.op_type for s in fused._steps] == ["QuantizeLinear"]
+    (y,) = fused.run(None, {"x": x})
+    (want,) = qlinear.Session(model, optimize=False, _fuse_steps=False).run(None, {"x": x})
+    np.testing.assert_array_equal(y, want)
+    assert y.shape == (1, 5, 6, 3)
+
+
+def test_the_quantized_nchw_input_can_still_be_fetched():
+    model = _quantize_to_last(np.uint8)
+    x = RNG.normal(0, 2, (1, 3, 16, 12)).astype(np.float32)
+    fused = qlinear.Session(model, optimize=False)
+    assert [s.spec.op_type for s in fused._steps] == ["QuantizeLinear"]
+    q, y = fused.run(["q", "y"], {"x": x})
+    want_q, want_y = qlinear.Session(model, optimize=False, _fuse_steps=False).run(
+        ["q", "y"], {"x": x})
+    np.testing.assert_array_equal(q, want_q)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(fused.run(None, {"x": x})[0], want_y)
+    assert "q" in fused.value_names

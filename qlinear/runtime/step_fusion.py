@@ -5,9 +5,10 @@ tensor for nothing the graph could express better: Gather wants int32 indices, s
 table lookup of an 8-bit tensor is ``Cast -> Gather``; a float LayerNorm sits between
 a DequantizeLinear and a QuantizeLinear; every linear layer of a quantized transformer
 is a QLinearMatMul whose 8-bit output goes straight into a QLinearAdd of the constant
-bias. The session plans these as one step. A fusion
-only fires when the intermediate values have no other reader and are not outputs, and
-the fused kernel runs the same arithmetic functions as the separate ones (same bits).
+bias; an NHWC CNN quantizes its float NCHW input and then moves the channels last. The
+session plans these as one step. A fusion only fires when the intermediate values have
+no other reader and are not outputs, and the fused kernel runs the same arithmetic
+functions as the separate ones (same bits).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
+from qlinear.runtime.kernels.qelementwise import quantize_channels_last
 from qlinear.runtime.kernels.qlayernorm import quantized_layer_norm
 from qlinear.runtime.kernels.requant import ColumnAdd, column_add
 from qlinear.runtime.ops.contrib_qlinear import _add_params
@@ -41,7 +43,10 @@ def fuse_steps(steps: list, types: dict, graph_outputs: set[str]) -> list:
     """The plan with every applicable fusion applied (steps are changed in place)."""
     steps = _read_lookup_indices_directly(steps, types, graph_outputs)
     steps = _matmul_adds(steps, graph_outputs)
-    return _quantized_layer_norms(steps, types, graph_outputs)
+    steps = _quantized_layer_norms(steps, types, graph_outputs)
+    # last: the fused step keeps QuantizeLinear's spec but not its output, so no other
+    # fusion may look at it afterwards
+    return _quantize_to_channels_last(steps, graph_outputs)
 
 
 def _readers(steps: list) -> dict[str, int]:
@@ -255,5 +260,55 @@ def _at_least_rank(kernel: Callable, rank: int) -> Callable:
     def run(*args: np.ndarray) -> np.ndarray:
         out = kernel(*args)
         return out if out.ndim >= rank else out.reshape((1,) * (rank - out.ndim) + out.shape)
+
+    return run
+
+
+def _quantize_to_channels_last(steps: list, graph_outputs: set[str]) -> list:
+    """QuantizeLinear (constant per-tensor 8-bit parameters) -> Transpose moving axis 1
+    last becomes one `quantize_channels_last` step: every NHWC CNN starts so, and the
+    separate Transpose reads the quantized image back and scatters it, which took as
+    long as the quantize itself at batch 1."""
+    readers = _readers(steps)
+    producer = _producers(steps)
+    dropped: set[int] = set()
+    for ti, t in enumerate(steps):
+        spec = t.spec
+        if spec.op_type != "Transpose" or spec.domain or len(t.inputs) != 1:
+            continue
+        perm = spec.attr("perm")
+        rank = 0 if perm is None else len(perm)
+        if rank < 3 or tuple(int(p) for p in perm) != (0, *range(2, rank), 1):
+            continue
+        value = t.inputs[0]
+        qi = producer.get(value)
+        if qi is None or readers.get(value) != 1 or value in graph_outputs:
+            continue
+        q = steps[qi]
+        if q.spec.op_type != "QuantizeLinear" or len(q.outputs) != 1:
+            continue
+        params = _per_tensor(q)
+        if params is None:
+            continue
+        q.kernel = _quantize_channels_last_kernel(q, t, params, rank)
+        q.inputs = q.inputs[:1]
+        q.outputs = t.outputs
+        dropped.add(ti)
+    return [s for i, s in enumerate(steps) if i not in dropped]
+
+
+def _quantize_channels_last_kernel(q: Step, t: Step, params: tuple[np.float32, np.ndarray],
+                                   rank: int) -> Callable:
+    """The fused kernel: float32 input of the planned rank in one pass, anything else
+    (an int32 input, a wrong rank to report) through the two original kernels."""
+    scale, zp = params
+    info = np.iinfo(zp.dtype)
+    z, qmin, qmax, dtype = zp.reshape(())[()], int(info.min), int(info.max), zp.dtype
+    q_kernel, t_kernel, q_consts = q.kernel, t.kernel, q.spec.consts
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if x.dtype != np.float32 or x.ndim != rank:
+            return t_kernel(q_kernel(x, q_consts[1], q_consts[2]))  # the graph, step by step
+        return quantize_channels_last(x, scale, z, qmin, qmax, dtype)
 
     return run

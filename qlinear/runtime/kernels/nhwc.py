@@ -35,7 +35,7 @@ from qlinear.runtime.kernels.depthwise import (
     needs_copy,
 )
 from qlinear.runtime.kernels.gemm import ACT_SHIFT, PackedLaunch
-from qlinear.runtime.kernels.parallel import claim, finish, run_tasks
+from qlinear.runtime.kernels.parallel import claim, finish, recording, run_tasks
 from qlinear.runtime.kernels.requant import (
     OUT_FLOAT,
     OUT_INT32,
@@ -111,14 +111,17 @@ class _ConvPlan:
         """x8 (uint8 NHWC) as the buffer the kernel reads: x8 itself, or a padded copy."""
         if self.buf_shape is None:
             return x8
+        # a recorded call gets a buffer of its own: its replay may run beside this thread
+        private = recording()
         tid = threading.get_ident()
-        buf = self.buffers.get(tid)
+        buf = None if private else self.buffers.get(tid)
         if buf is None:
             buf = np.empty(self.buf_shape, np.uint8)
             buf.reshape(-1, self.fill.size)[:] = self.fill
             if len(self.buffers) > 8:
                 self.buffers.clear()
-            self.buffers[tid] = buf
+            if not private:
+                self.buffers[tid] = buf
         b, h, w, _ = x8.shape
         run_tasks(
             _copy_into_padded,
@@ -364,6 +367,10 @@ def _max_pool_nhwc(counters, x, out, kh, kw, sh, sw, dh, dw, pt, pl, lowest):
     """One task per (image, output row); the running max is a channel vector."""
     nb, h, w, c_n = x.shape
     oh_n, ow_n = out.shape[1], out.shape[2]
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    low = lowest[0]
+    cu = _U(c_n)
     while True:
         task = claim(counters)
         if task >= nb * oh_n:
@@ -371,8 +378,9 @@ def _max_pool_nhwc(counters, x, out, kh, kw, sh, sw, dh, dw, pt, pl, lowest):
         bi = task // oh_n
         oh = task - bi * oh_n
         for ow in range(ow_n):
-            for c in range(c_n):
-                out[bi, oh, ow, c] = lowest[0]
+            dst = _U((task * ow_n + ow) * c_n)
+            for c in range(cu):
+                of[dst + c] = low
             for a in range(kh):
                 ih = oh * sh - pt + a * dh
                 if ih < 0 or ih >= h:
@@ -381,8 +389,9 @@ def _max_pool_nhwc(counters, x, out, kh, kw, sh, sw, dh, dw, pt, pl, lowest):
                     iw = ow * sw - pl + bb * dw
                     if iw < 0 or iw >= w:
                         continue
-                    for c in range(c_n):
-                        v = x[bi, ih, iw, c]
-                        if v > out[bi, oh, ow, c]:
-                            out[bi, oh, ow, c] = v
+                    src = _U(((bi * h + ih) * w + iw) * c_n)
+                    for c in range(cu):  # a select, not a conditional store: vectorizes
+                        v = xf[src + c]
+                        m = of[dst + c]
+                        of[dst + c] = v if v > m else m
         finish(counters)

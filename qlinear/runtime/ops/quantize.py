@@ -54,15 +54,18 @@ def _fast_layout(
     if qp.dtype not in _FAST_INTS:
         return None
     size = int(np.prod(shape)) if shape else 1
+    # the zero point in the output type: with an int32 one LLVM widens the whole
+    # quantize loop to 32 bits (34 -> 23.5 us for a [1,3,224,224] image)
+    zp = qp.zero_point.astype(qp.dtype, copy=False)
     if qp.is_per_tensor:
-        return qp.scale.reshape(1), qp.zero_point.reshape(1), max(size, 1)
+        return qp.scale.reshape(1), zp.reshape(1), max(size, 1)
     if qp.scale.ndim != len(shape):
         return None
     ax = qp.channel_axis()
     if ax is None or qp.scale.shape[ax] != shape[ax]:
         return None
     inner = int(np.prod(shape[ax + 1 :])) if ax + 1 < len(shape) else 1
-    return qp.scale.reshape(-1), qp.zero_point.reshape(-1), max(inner, 1)
+    return qp.scale.reshape(-1), zp.reshape(-1), max(inner, 1)
 
 
 def _output_dtype_attr(spec: NodeSpec) -> np.dtype | None:
