@@ -24,7 +24,8 @@ output byte matches.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -161,6 +162,19 @@ def _run_program(job, steps, counters, patches, externals, threads, serial):  # 
     return backoff
 
 
+def _internal(args: tuple, ranges: list[tuple[int, int]]) -> list:
+    """The arrays of `args` that are not views into one of `ranges` (nested tuples too)."""
+    kept = []
+    for a in args:
+        if isinstance(a, tuple):
+            kept += _internal(a, ranges)
+        elif isinstance(a, np.ndarray):
+            start = a.ctypes.data
+            if not any(lo <= start < lo + n for lo, n in ranges):
+                kept.append(a)
+    return kept
+
+
 class NativeProgram:
     """Recorded `run_tasks` calls, replayable with other arrays in place of `externals`
     (the recorded run's inputs and outputs, same shapes and dtypes, C-contiguous)."""
@@ -198,7 +212,8 @@ class NativeProgram:
                     if start <= value < start + nbytes:
                         patches.append((blob.ctypes.data + 8 * w, e, value - start))
             self.steps[i] = (fn, blob.ctypes.data, ntasks, work >= SERIAL_WORK)
-            self._args.append(full)
+            # the run's inputs and outputs are patched before every use: not kept alive
+            self._args.append(_internal(full, ranges))
             self._blobs.append(blob)
         self.patches = np.array(patches, np.int64).reshape(-1, 3)
         self.externals = [(a.shape, a.dtype) for a in externals]
@@ -226,3 +241,124 @@ class NativeProgram:
         if status > 0:
             parallel._backoff_until = parallel._monotonic() + parallel.BACKOFF_SECONDS
         return status >= 0
+
+
+#: Input dtypes a new program can be checked with (random values of any bit pattern).
+_CHECKABLE = (np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.float32))
+
+#: Input signatures a `Replayed` keeps programs for (each holds its scratch buffers).
+_MAX_SIGNATURES = 8
+
+
+class Replayed:
+    """`fn(*inputs) -> tuple of fresh arrays`, replayed natively per input signature.
+
+    fn must only launch `run_tasks` kernels (any other native work calls
+    `parallel.unrecorded`). Per signature (shapes, dtypes, kernel family) the first call
+    runs fn while recording, builds a `NativeProgram` and checks it: program and fn run
+    on other, random inputs and every output byte must match; otherwise that signature
+    keeps calling fn. Calls made while an outer `Replayed` records run fn, so the outer
+    recording sees their kernels. Concurrent callers of one instance run fn.
+    """
+
+    def __init__(self, fn: Callable[..., tuple], names: Sequence[str] = (), *,
+                 fixed: bool = False) -> None:
+        """fixed: the caller only ever passes one signature (it keys on it itself), so
+        calls skip building the key."""
+        self._fn = fn
+        self._fixed = fixed
+        self._names = tuple(names)
+        self._programs: dict[tuple, NativeProgram | None] = {}
+        self._lock = threading.Lock()
+        #: why the last program of a signature was not kept (tests, debugging)
+        self.rejected: dict[tuple, str] = {}
+
+    @property
+    def programs(self) -> list[NativeProgram]:
+        return [p for p in self._programs.values() if p is not None]
+
+    def __call__(self, *xs: np.ndarray) -> tuple:
+        if parallel._recording is not None and parallel.recording():
+            return self._fn(*xs)
+        key = () if self._fixed else (*((x.shape, x.dtype) for x in xs),
+                                       config.kernel_choice())
+        program = self._programs.get(key, False)
+        if program and self._lock.acquire(blocking=False):
+            try:
+                if all(x.flags.c_contiguous for x in xs):
+                    outs = tuple(np.empty(shape, dtype)
+                                 for shape, dtype in program.externals[len(xs):])
+                    if program.run(tuple(a.reshape(-1).view(np.uint8) for a in (*xs, *outs))):
+                        return outs
+            finally:
+                self._lock.release()
+        elif program is False and self._lock.acquire(blocking=False):
+            try:
+                return self._record(key, xs)
+            finally:
+                self._lock.release()
+        return self._fn(*xs)
+
+    def _record(self, key: tuple, xs: Sequence[np.ndarray]) -> tuple:
+        with parallel.record_calls() as rec:
+            outs = self._fn(*xs)
+        if not rec.active:  # another thread was recording: try again on a later call
+            return outs
+        if len(self._programs) >= _MAX_SIGNATURES:
+            self._programs.clear()
+        self._programs[key] = None
+        reason = _unbuildable(rec, xs, outs)
+        if reason is None:
+            try:
+                program = NativeProgram(rec.calls, [*xs, *outs])
+            except (ValueError, TypeError) as exc:  # e.g. an argument numba cannot store
+                reason = f"cannot build: {exc}"
+            else:
+                reason = self._check(program, xs)
+                if reason is None:
+                    self._programs[key] = program
+        if reason is not None:
+            self.rejected[key] = reason
+        return outs
+
+    def _check(self, program: NativeProgram, xs: Sequence[np.ndarray]) -> str | None:
+        """Replay on other inputs and compare with fn's result."""
+        rng = np.random.default_rng(len(program.steps))
+        others = tuple(_other_values(x, rng) for x in xs)
+        expected = self._fn(*others)
+        outs = tuple(_poisoned(shape, dtype) for shape, dtype in program.externals[len(xs):])
+        if not program.run(tuple(a.reshape(-1).view(np.uint8) for a in (*others, *outs))):
+            return "the replay raised"
+        for i, (got, want) in enumerate(zip(outs, expected, strict=True)):
+            if got.tobytes() != want.tobytes():
+                name = self._names[i] if i < len(self._names) else f"output {i}"
+                return f"replayed {name!r} differs from the normal run's"
+        return None
+
+
+def _unbuildable(rec: parallel.Recording, xs: Sequence[np.ndarray],
+                 outs: Sequence[np.ndarray]) -> str | None:
+    if not rec.complete:
+        return "native work ran outside run_tasks"
+    if not rec.calls:
+        return "no kernel calls"
+    if not all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in (*xs, *outs)):
+        return "an input or output is not a C-contiguous array"
+    if any(x.dtype not in _CHECKABLE for x in xs):
+        return "an input dtype the check cannot draw"
+    return None
+
+
+def _other_values(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if x.dtype.kind == "f":
+        return rng.standard_normal(x.shape).astype(x.dtype)
+    info = np.iinfo(x.dtype)
+    return rng.integers(info.min, info.max, x.shape, dtype=x.dtype, endpoint=True)
+
+
+def _poisoned(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return np.full(shape, np.nan, dtype)
+    return np.full(shape, 0xA5, np.uint8).view(dtype) if dtype.itemsize == 1 else np.full(
+        shape, -12345, dtype)
