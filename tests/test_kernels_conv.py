@@ -137,6 +137,20 @@ def test_conv_word_transpose_path(x_dtype, pads, rng):
                                                           pads[:2], pads[2:]))
 
 
+@pytest.mark.parametrize("use_vnni", PATHS)
+@settings(max_examples=25, deadline=None)
+@given(case=conv_cases(), strides=st.tuples(st.integers(1, 3), st.integers(2, 3)))
+def test_strided_pointwise_conv_samples_its_input(use_vnni, case, strides):
+    """A 1x1 strided convolution without padding transposes only the pixels it reads
+    (the buffer holds every s-th row and column); any W, odd sizes, groups, dilation."""
+    nd = len(case["sp"])
+    case = dict(case, k=(1,) * nd, begin=(0,) * nd, end=(0,) * nd,
+                strides=strides[-nd:], cog=max(case["cog"], 1))
+    if case["cg"] == 1 and case["groups"] > 1:  # keep the GEMM path (not depthwise)
+        case["cg"] = 2
+    _run_case(case, use_vnni)
+
+
 # --------------------------------------------------------------------------- NHWC
 
 

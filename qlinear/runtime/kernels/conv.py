@@ -227,9 +227,20 @@ def conv(
     pw = packed.gemm
     cgp = pw.c4 * 4
     cg = packed.c_in // packed.groups
+    # A strided 1x1 convolution without padding reads one input pixel in s_h*s_w: the
+    # transpose into the buffer samples them, and the GEMM runs at stride 1 on it.
+    sample = (len(sp) <= 2 and all(k == 1 for k in packed.kernel) and not any(begin)
+              and not any(end) and any(st > 1 for st in strides))
+    sampled = (1, 1)
+    if sample:
+        sampled, s2 = s2, (1, 1)
+        strides = (1,) * len(strides)
     if len(sp) <= 2:
-        hp = max(x4.shape[2] + b2[0] + e2[0], (o2[0] - 1) * s2[0] + (k2[0] - 1) * d2[0] + 1)
-        wp = max(x4.shape[3] + b2[1] + e2[1], (o2[1] - 1) * s2[1] + (k2[1] - 1) * d2[1] + 1)
+        if sample:
+            hp, wp = o2
+        else:
+            hp = max(x4.shape[2] + b2[0] + e2[0], (o2[0] - 1) * s2[0] + (k2[0] - 1) * d2[0] + 1)
+            wp = max(x4.shape[3] + b2[1] + e2[1], (o2[1] - 1) * s2[1] + (k2[1] - 1) * d2[1] + 1)
         buf = np.empty((b, hp, wp, packed.groups, cgp), np.uint8)
         if len(sp) == 1:
             buf = buf.reshape(b, wp, packed.groups, cgp)
@@ -240,7 +251,8 @@ def conv(
         chan_dst = (c_idx // cg) * cgp + c_idx % cg
         x8 = x4.view(np.uint8)
         out4 = buf.reshape(b, hp, wp, -1)
-        if cgp == cg and packed.groups == 1 and cg % 8 == 0 and x8.shape[3] % 8 == 0:
+        if (cgp == cg and packed.groups == 1 and cg % 8 == 0 and x8.shape[3] % 8 == 0
+                and not sample):
             run_tasks(
                 _nhwc_rows_words,
                 b * hp,
@@ -263,6 +275,8 @@ def conv(
                 chan_dst.astype(np.int64),
                 np.int64(b2[0]),
                 np.int64(b2[1]),
+                np.int64(sampled[0]),
+                np.int64(sampled[1]),
                 out4,
             )
     else:
@@ -415,20 +429,24 @@ def _nhwc_rows_words(counters, x64, flip, fill, pt, pl, out64):
 
 
 @njit(**JIT)
-def _nhwc_rows(counters, x, flip, fill, chan_dst, pt, pl, out):
+def _nhwc_rows(counters, x, flip, fill, chan_dst, pt, pl, sh, sw, out):
     """One padded output row per task: out[b, r, j, chan_dst[c]] = x[b, c, r-pt, j-pl] ^ flip.
 
     Pixels outside x (spatial padding) and channel padding hold `fill` (one pixel's worth:
     the input zero point on real channels, 0 on padding channels). Blocked 16 x 16 so
-    reads and writes both stay in a few cache lines.
+    reads and writes both stay in a few cache lines. (sh, sw) > 1 samples every sh-th
+    row and sw-th column (a 1x1 strided convolution reads nothing else): buffer row r
+    is input row r*sh - pt.
     """
     nb, c_in, h, w = x.shape
     _, hp, wp, cpix = out.shape
     xf = x.reshape(-1)
     of = out.reshape(-1)
     ucpix = _U(cpix)
+    usw = _U(sw)
     ntasks = nb * hp
     dense = cpix == c_in
+    wv = (w - 1) // sw + 1  # sampled columns
     while True:
         task = claim(counters)
         if task >= ntasks:
@@ -436,10 +454,10 @@ def _nhwc_rows(counters, x, flip, fill, chan_dst, pt, pl, out):
         bi = task // hp
         r = task - bi * hp
         base = _U(bi * hp + r) * _U(wp) * ucpix
-        ih = r - pt
+        ih = r * sh - pt
         inside = 0 <= ih < h
         for j in range(wp):
-            if inside and dense and pl <= j < pl + w:
+            if inside and dense and pl <= j < pl + wv:
                 continue
             o = base + _U(j) * ucpix
             for k in range(ucpix):
@@ -447,14 +465,14 @@ def _nhwc_rows(counters, x, flip, fill, chan_dst, pt, pl, out):
         if inside:
             for c0 in range(0, c_in, 16):
                 cn = min(16, c_in - c0)
-                for w0 in range(0, w, 16):
-                    wn = _U(min(16, w - w0))
+                for w0 in range(0, wv, 16):
+                    wn = _U(min(16, wv - w0))
                     for cc in range(cn):
                         c = c0 + cc
-                        src = _U(((bi * c_in + c) * h + ih) * w + w0)
+                        src = _U(((bi * c_in + c) * h + ih) * w) + _U(w0) * usw
                         dst = base + _U(pl + w0) * ucpix + _U(chan_dst[c])
                         for ww in range(wn):
-                            of[dst + ww * ucpix] = xf[src + ww] ^ flip
+                            of[dst + ww * ucpix] = xf[src + ww * usw] ^ flip
         finish(counters)
 
 
