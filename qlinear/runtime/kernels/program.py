@@ -285,7 +285,15 @@ class Replayed:
         program = self._programs.get(key, False)
         if program and self._lock.acquire(blocking=False):
             try:
-                if all(x.flags.c_contiguous for x in xs):
+                if len(xs) == 1 and len(program.externals) == 2:  # one op: no generators
+                    x = xs[0]
+                    if x.flags.c_contiguous:
+                        shape, dtype = program.externals[1]
+                        out = np.empty(shape, dtype)
+                        if program.run((x.reshape(-1).view(np.uint8),
+                                        out.reshape(-1).view(np.uint8))):
+                            return (out,)
+                elif all(x.flags.c_contiguous for x in xs):
                     outs = tuple(np.empty(shape, dtype)
                                  for shape, dtype in program.externals[len(xs):])
                     if program.run(tuple(a.reshape(-1).view(np.uint8) for a in (*xs, *outs))):

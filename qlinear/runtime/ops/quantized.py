@@ -292,6 +292,8 @@ class QLinearMatMulKernel:
                     a.reshape(-1, a.shape[-1]), azp, self._packed, out_dtype=out_dtype,
                     mult=self._mult, y_zp=yzp, add=add)
             if call is not None:
+                if a.ndim == 2:
+                    return call(a)
                 out = call(a.reshape(-1, a.shape[-1]))
                 return out.reshape(*a.shape[:-1], out.shape[-1])
         _check_int8("a", a)
