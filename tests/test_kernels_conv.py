@@ -151,6 +151,42 @@ def test_strided_pointwise_conv_samples_its_input(use_vnni, case, strides):
     _run_case(case, use_vnni)
 
 
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("c_in,w_in,pads", [
+    (16, 16, (0, 0, 0, 0)), (32, 56, (1, 1, 1, 1)), (48, 17, (0, 2, 1, 0)),
+    (16, 5, (1, 0, 0, 1)), (64, 31, (0, 0, 0, 0)),
+])
+def test_conv_vector_block_transpose_path(x_dtype, c_in, w_in, pads, rng):
+    """C % 16 == 0 takes the 16x16 vector-block input transpose; widths that are not a
+    multiple of 16 end with an overlapping block (or, under 16, pixel by pixel)."""
+    x = _rand(rng, (2, c_in, 6, w_in), x_dtype)
+    w = _rand(rng, (24, c_in, 3, 1), np.int8)
+    w_zp = _rand(rng, 24, np.int8).astype(np.int64)
+    packed = pack_conv_weights(w, w_zp, 1)
+    out = conv(x, 9, packed, (1, 1), (1, 1), pads[:2], pads[2:])
+    np.testing.assert_array_equal(out, naive.conv_integer(x, 9, w, w_zp, 1, (1, 1), (1, 1),
+                                                          pads[:2], pads[2:]))
+
+
+def test_transpose16_moves_a_block_with_strides_and_the_flip():
+    from numba import njit
+
+    from qlinear.runtime.kernels.byte_transpose import transpose16
+
+    @njit
+    def run(src, so, ss, dst, do, ds, flip):
+        transpose16(src, so, ss, dst, do, ds, flip)
+
+    rng = np.random.default_rng(5)
+    src = rng.integers(0, 256, 40 * 16 + 7, dtype=np.uint8)
+    dst = np.zeros(16 * 24 + 3, np.uint8)
+    run(src, 7, 40, dst, 3, 24, np.uint8(0x80))
+    block = src[7:7 + 40 * 16].reshape(16, 40)[:, :16]
+    got = dst[3:3 + 24 * 16].reshape(16, 24)[:, :16]
+    np.testing.assert_array_equal(got, block.T ^ 0x80)
+    assert not dst[3 + 16 : 3 + 24].any()  # nothing written between the rows
+
+
 # --------------------------------------------------------------------------- NHWC
 
 

@@ -103,3 +103,38 @@ def test_a_replayed_qlinear_matmul_is_bit_exact(m, k, n, act, w_zp, seed):
     assert call.replayed.rejected == {} or k % 4 or w_zp
     if k % 4 == 0 and not w_zp:
         assert len(call.replayed.programs) == 1
+
+
+def _qlinear_conv_op(c_in, c_out, group, k, stride, pad, act, rng):
+    consts = {1: np.float32(0.03), 2: act(4 if act == np.uint8 else -4),
+              3: rng.integers(-60, 61, (c_out, c_in // group, k, k)).astype(np.int8),
+              4: rng.uniform(0.002, 0.02, c_out).astype(np.float32),
+              5: np.zeros(c_out, np.int8), 6: np.float32(0.4),
+              7: act(9 if act == np.uint8 else 2),
+              8: rng.integers(-400, 400, c_out).astype(np.int32)}
+    node = helper.make_node("QLinearConv", ["x"] + [f"c{i}" for i in range(1, 9)], ["y"],
+                            kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4,
+                            group=group)
+    op = lookup("", "QLinearConv", 10)(NodeSpec(node, 10, consts=consts))
+    return op, [consts[i] for i in range(1, 9)]
+
+
+@settings(max_examples=20, deadline=None)
+@given(kind=st.sampled_from(["dense", "grouped", "depthwise", "multiplier"]),
+       c=st.sampled_from([4, 16, 32]), k=st.sampled_from([1, 3]), stride=st.integers(1, 2),
+       pad=st.integers(0, 1), hw=st.integers(3, 20), act=st.sampled_from([np.uint8, np.int8]),
+       seed=st.integers(0, 1000))
+def test_a_replayed_nchw_qlinear_conv_is_bit_exact(kind, c, k, stride, pad, hw, act, seed):
+    """The NCHW QLinearConv with constant parameters replays its per-shape program; every
+    call equals a fresh op's first (paths that copy in numpy stay unreplayed)."""
+    group, c_out = {"dense": (1, c), "grouped": (2, c), "depthwise": (c, c),
+                    "multiplier": (c, 2 * c)}[kind]
+    hw = max(hw, k)
+    rng = np.random.default_rng(seed)
+    op, params = _qlinear_conv_op(c, c_out, group, k, stride, pad, act, rng)
+    info = np.iinfo(act)
+    for _ in range(3):
+        x = rng.integers(info.min, info.max, (1, c, hw, hw), endpoint=True).astype(act)
+        fresh, fresh_params = _qlinear_conv_op(c, c_out, group, k, stride, pad, act,
+                                               np.random.default_rng(seed))
+        np.testing.assert_array_equal(op(x, *params), fresh(x, *fresh_params))

@@ -26,6 +26,7 @@ import numpy as np
 from numba import njit
 
 from qlinear.runtime.kernels import config
+from qlinear.runtime.kernels.byte_transpose import transpose16
 from qlinear.runtime.kernels.config import JIT
 from qlinear.runtime.kernels.depthwise import (
     DepthwiseLaunch,
@@ -251,7 +252,19 @@ def conv(
         chan_dst = (c_idx // cg) * cgp + c_idx % cg
         x8 = x4.view(np.uint8)
         out4 = buf.reshape(b, hp, wp, -1)
-        if (cgp == cg and packed.groups == 1 and cg % 8 == 0 and x8.shape[3] % 8 == 0
+        if cgp == cg and packed.groups == 1 and cg % 16 == 0 and not sample:
+            run_tasks(
+                _nhwc_rows_blocks,
+                b * hp,
+                b * hp * wp * cgp * BYTE_WORK,
+                np.ascontiguousarray(x8),
+                np.uint8(0x80 if shift else 0),
+                fill.reshape(-1),
+                np.int64(b2[0]),
+                np.int64(b2[1]),
+                out4,
+            )
+        elif (cgp == cg and packed.groups == 1 and cg % 8 == 0 and x8.shape[3] % 8 == 0
                 and not sample):
             run_tasks(
                 _nhwc_rows_words,
@@ -429,6 +442,50 @@ def _nhwc_rows_words(counters, x64, flip, fill, pt, pl, out64):
 
 
 @njit(**JIT)
+def _nhwc_rows_blocks(counters, x, flip, fill, pt, pl, out):  # pragma: no cover
+    """`_nhwc_rows` for dense channels, C % 16 == 0: 16 x 16 byte blocks transposed in
+    vector registers (`byte_transpose`); a width that is not a multiple of 16 ends with
+    a block overlapping the one before (narrower than 16: one pixel at a time)."""
+    nb, c_in, h, w = x.shape
+    _, hp, wp, cpix = out.shape
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    ntasks = nb * hp
+    wfull = w // 16 * 16
+    plane = h * w
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        bi = task // hp
+        r = task - bi * hp
+        base = (bi * hp + r) * wp * cpix
+        ih = r - pt
+        inside = 0 <= ih < h
+        for j in range(wp):
+            if inside and pl <= j < pl + w:
+                continue
+            o = base + j * cpix
+            for k in range(cpix):
+                of[o + k] = fill[k]
+        if inside:
+            for cb in range(0, c_in, 16):
+                src = ((bi * c_in + cb) * h + ih) * w
+                for pb in range(0, wfull, 16):
+                    transpose16(xf, src + pb, plane, of, base + (pl + pb) * cpix + cb, cpix,
+                                flip)
+                if wfull < w and w >= 16:  # the tail as a last block overlapping the one before
+                    transpose16(xf, src + w - 16, plane, of, base + (pl + w - 16) * cpix + cb,
+                                cpix, flip)
+                else:
+                    for p in range(wfull, w):
+                        o = base + (pl + p) * cpix + cb
+                        for cc in range(16):
+                            of[o + cc] = xf[src + cc * plane + p] ^ flip
+        finish(counters)
+
+
+@njit(**JIT)
 def _nhwc_rows(counters, x, flip, fill, chan_dst, pt, pl, sh, sw, out):
     """One padded output row per task: out[b, r, j, chan_dst[c]] = x[b, c, r-pt, j-pl] ^ flip.
 
@@ -561,9 +618,46 @@ def _rows_to_nchw_words(counters, src, dst):
         finish(counters)
 
 
+@njit(**JIT)
+def _rows_to_nchw_blocks(counters, src, dst):  # pragma: no cover
+    """uint8 `_rows_to_nchw` in 16 x 16 byte blocks transposed in vector registers
+    (C % 16 == 0, pix >= 16; a pixel count that is not a multiple of 16 ends with a block
+    overlapping the one before); NCHW_BLOCK pixels x NCHW_CHANNELS channels per task."""
+    nb, pix, ch = src.shape
+    sf = src.reshape(-1)
+    df = dst.reshape(-1)
+    blocks = (pix + NCHW_BLOCK - 1) // NCHW_BLOCK
+    cblocks = (ch + NCHW_CHANNELS - 1) // NCHW_CHANNELS
+    ntasks = nb * blocks * cblocks
+    while True:
+        task = claim(counters)
+        if task >= ntasks:
+            break
+        bi = task // (blocks * cblocks)
+        rest = task - bi * blocks * cblocks
+        pblock = rest // cblocks
+        c_lo = (rest - pblock * cblocks) * NCHW_CHANNELS
+        c_hi = min(ch, c_lo + NCHW_CHANNELS)
+        p_lo = pblock * NCHW_BLOCK
+        p_hi = min(pix, p_lo + NCHW_BLOCK)
+        for c0 in range(c_lo, c_hi, 16):
+            p0 = p_lo
+            while p0 < p_hi:
+                p = min(p0, pix - 16)
+                transpose16(sf, (bi * pix + p) * ch + c0, ch, df, (bi * ch + c0) * pix + p,
+                            pix, np.uint8(0))
+                p0 += 16
+        finish(counters)
+
+
 def _to_nchw(rows_out: np.ndarray, out: np.ndarray) -> None:
     """rows_out [B, pix, C] (channels-last rows from an epilogue) -> out [B, C, *spatial]."""
     b, pix, ch = rows_out.shape
+    if rows_out.dtype.itemsize == 1 and ch % 16 == 0 and pix >= 16:
+        run_tasks(_rows_to_nchw_blocks, b * -(-pix // NCHW_BLOCK) * -(-ch // NCHW_CHANNELS),
+                  b * pix * ch * BYTE_WORK, rows_out.view(np.uint8),
+                  out.view(np.uint8).reshape(b, ch, pix))
+        return
     if rows_out.dtype.itemsize == 1 and pix % 8 == 0 and ch % 8 == 0:
         run_tasks(
             _rows_to_nchw_words,

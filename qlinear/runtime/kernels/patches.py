@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from qlinear.runtime.kernels.gemm import PackedWeights, gemm, pack_matrix
+from qlinear.runtime.kernels.parallel import unrecorded
 
 
 def is_patchify(
@@ -72,6 +73,7 @@ def conv_patches(
     y_zp: int,
 ) -> np.ndarray:
     """Requantized patch convolution; output NCHW, or NHWC when channels_last."""
+    unrecorded()  # patch rows and the NCHW output are numpy copies: not replayable
     b = x.shape[0]
     oh, ow = (x.shape[1:3] if channels_last else x.shape[2:4])
     oh, ow = oh // kernel[0], ow // kernel[1]

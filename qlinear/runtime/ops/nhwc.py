@@ -19,7 +19,6 @@ import numpy as np
 from qlinear.runtime.kernels.config import kernel_choice
 from qlinear.runtime.kernels.conv import conv, pack_conv_weights, resolve_pads
 from qlinear.runtime.kernels.nhwc import conv_nhwc, conv_nhwc_plan, max_pool_nhwc, run_conv_plan
-from qlinear.runtime.kernels.parallel import unrecorded
 from qlinear.runtime.kernels.patches import conv_patches
 from qlinear.runtime.kernels.program import Replayed
 from qlinear.runtime.kernels.requant import output_multiplier
@@ -118,7 +117,6 @@ def _ms_qlinear_conv(spec: NodeSpec) -> Kernel:
         strides, dilations, begin, end = weights.attrs.resolve(nchw, w.shape)
         patch = patches.get(nchw[2:], strides, dilations, begin, end, weights.attrs.group)
         if patch is not None:
-            unrecorded()  # builds its patch rows outside run_tasks
             return conv_patches(x, scalar_zero_point(x_zp, "x_zero_point"), patch,
                                 patches.kernel, channels_last, out_dtype=out_dtype, bias=b32,
                                 mult=mult, y_zp=scalar_zero_point(y_zp, "y_zero_point"))

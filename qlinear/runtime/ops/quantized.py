@@ -25,6 +25,7 @@ from qlinear.runtime.kernels.gemm import (
     pack_weights,
 )
 from qlinear.runtime.kernels.patches import conv_patches, is_patchify, pack_patch_weights
+from qlinear.runtime.kernels.program import Replayed
 from qlinear.runtime.kernels.requant import ColumnAdd, output_multiplier
 from qlinear.runtime.registry import Kernel, NodeSpec, register
 
@@ -421,8 +422,25 @@ def _qlinear_conv(spec: NodeSpec) -> Kernel:
     w_const = spec.const(3)
     mult_const = _const_multiplier(spec, 1, 4, 6, None if w_const is None else w_const.shape[0])
     patches = PatchWeights(spec, 3, 5, channels_last=False)
+    # Every parameter constant: one replayed native program per input shape (the
+    # transposes in and out, the GEMM) instead of planning the call in Python each time.
+    constant = (mult_const is not None and all(spec.const(i) is not None for i in (2, 3, 5, 7))
+                and (not spec.has_input(8) or spec.const(8) is not None))
+    plans: dict[tuple, Replayed] = {}
 
-    def run(
+    def run(x: np.ndarray, *params: np.ndarray | None) -> np.ndarray:
+        if not constant:
+            return compute(x, *params)
+        key = (x.shape, x.dtype, kernel_choice())
+        replay = plans.get(key)
+        if replay is None:
+            _check_int8("x", x)
+            if len(plans) > 16:
+                plans.clear()
+            replay = plans[key] = Replayed(lambda x: (compute(x, *params),), fixed=True)
+        return replay(x)[0]
+
+    def compute(
         x: np.ndarray,
         x_scale: np.ndarray,
         x_zp: np.ndarray,
