@@ -37,6 +37,8 @@ CHUNK = 1 << 15
 #: pool joins within microseconds.)
 ELEMENT_WORK = 32
 
+_U = np.uint64  # unsigned offsets: no negative-index fix-ups, loops vectorize
+
 
 def _tasks(n: int) -> int:
     return max(1, -(-n // CHUNK))
@@ -305,83 +307,78 @@ def _add_value(av, bv, r_a, r_b, fixed, lo, hi):  # pragma: no cover
 
 @njit(**JIT)
 def _qadd3(counters, a, sa, b, sb, dims, r_a, r_b, fixed, lo, hi, out):  # pragma: no cover
+    """Rows of d2 elements by flat unsigned offsets: slicing a view per row cost ~60 ns,
+    4x the arithmetic of a 128-element row (BERT's [1,12,128,128] mask add: 113 -> 24 us)."""
     d0, d1, d2 = dims[0], dims[1], dims[2]
     rows = d0 * d1
     per = max(1, CHUNK // max(d2, 1))
     ntasks = (rows + per - 1) // per
+    ud2 = _U(d2)
     while True:
         t = claim(counters)
         if t >= ntasks:
             break
         for row in range(t * per, min(rows, (t + 1) * per)):
             i0 = row // d1
-            i1 = row % d1
-            ao = i0 * sa[0] + i1 * sa[1]
-            bo = i0 * sb[0] + i1 * sb[1]
-            oo = row * d2
-            os = out[oo : oo + d2]
+            i1 = row - i0 * d1
+            ao = _U(i0 * sa[0] + i1 * sa[1])
+            bo = _U(i0 * sb[0] + i1 * sb[1])
+            oo = _U(row * d2)
             if sa[2] == 1 and sb[2] == 1:
-                ar = a[ao : ao + d2]
-                br = b[bo : bo + d2]
-                for k in range(d2):
-                    os[k] = _add_value(ar[k], br[k], r_a, r_b, fixed, lo, hi)
+                for k in range(ud2):
+                    out[oo + k] = _add_value(a[ao + k], b[bo + k], r_a, r_b, fixed, lo, hi)
             elif sa[2] == 1:
                 bv = b[bo]
-                ar = a[ao : ao + d2]
-                for k in range(d2):
-                    os[k] = _add_value(ar[k], bv, r_a, r_b, fixed, lo, hi)
+                for k in range(ud2):
+                    out[oo + k] = _add_value(a[ao + k], bv, r_a, r_b, fixed, lo, hi)
             elif sb[2] == 1:
                 av = a[ao]
-                br = b[bo : bo + d2]
-                for k in range(d2):
-                    os[k] = _add_value(av, br[k], r_a, r_b, fixed, lo, hi)
+                for k in range(ud2):
+                    out[oo + k] = _add_value(av, b[bo + k], r_a, r_b, fixed, lo, hi)
             else:
                 v = _add_value(a[ao], b[bo], r_a, r_b, fixed, lo, hi)
-                for k in range(d2):
-                    os[k] = v
+                for k in range(ud2):
+                    out[oo + k] = v
         finish(counters)
 
 
 @njit(**JIT)
 def _qmul3(counters, a, sa, b, sb, dims, za, zb, mult, zc, lo, hi, out):  # pragma: no cover
+    """As `_qadd3`: flat unsigned offsets, no per-row views."""
     d0, d1, d2 = dims[0], dims[1], dims[2]
     rows = d0 * d1
     per = max(1, CHUNK // max(d2, 1))
     ntasks = (rows + per - 1) // per
+    ud2 = _U(d2)
     while True:
         t = claim(counters)
         if t >= ntasks:
             break
         for row in range(t * per, min(rows, (t + 1) * per)):
             i0 = row // d1
-            i1 = row % d1
-            ao = i0 * sa[0] + i1 * sa[1]
-            bo = i0 * sb[0] + i1 * sb[1]
-            oo = row * d2
-            os = out[oo : oo + d2]
+            i1 = row - i0 * d1
+            ao = _U(i0 * sa[0] + i1 * sa[1])
+            bo = _U(i0 * sb[0] + i1 * sb[1])
+            oo = _U(row * d2)
             if sa[2] == 1 and sb[2] == 1:
-                ar = a[ao : ao + d2]
-                br = b[bo : bo + d2]
-                for k in range(d2):
-                    acc = (np.int32(ar[k]) - za) * (np.int32(br[k]) - zb)
-                    os[k] = requantize_value(acc, mult, zc, lo, hi)
+                for k in range(ud2):
+                    acc = (np.int32(a[ao + k]) - za) * (np.int32(b[bo + k]) - zb)
+                    out[oo + k] = requantize_value(acc, mult, zc, lo, hi)
             elif sa[2] == 1:
                 bv = np.int32(b[bo]) - zb
-                ar = a[ao : ao + d2]
-                for k in range(d2):
-                    acc = (np.int32(ar[k]) - za) * bv
-                    os[k] = requantize_value(acc, mult, zc, lo, hi)
+                for k in range(ud2):
+                    acc = (np.int32(a[ao + k]) - za) * bv
+                    out[oo + k] = requantize_value(acc, mult, zc, lo, hi)
             elif sb[2] == 1:
                 av = np.int32(a[ao]) - za
-                br = b[bo : bo + d2]
-                for k in range(d2):
-                    acc = av * (np.int32(br[k]) - zb)
-                    os[k] = requantize_value(acc, mult, zc, lo, hi)
+                for k in range(ud2):
+                    acc = av * (np.int32(b[bo + k]) - zb)
+                    out[oo + k] = requantize_value(acc, mult, zc, lo, hi)
             else:
                 acc = (np.int32(a[ao]) - za) * (np.int32(b[bo]) - zb)
                 v = requantize_value(acc, mult, zc, lo, hi)
-                for k in range(d2):
-                    os[k] = v
+                for k in range(ud2):
+                    out[oo + k] = v
         finish(counters)
 
 
