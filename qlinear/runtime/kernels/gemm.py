@@ -161,28 +161,28 @@ def pack_matrix(b: np.ndarray, zero_point: np.ndarray | int = 0) -> PackedWeight
 
 @njit(inline="always", **JIT)
 def _portable_tile(a, row_off, taps, c4, a_step, b, b_off, tile, rows):
-    """Plain-loop twin of the VNNI tile (same layouts), for CPUs without VNNI and for tests."""
+    """Plain-loop twin of the VNNI tile (same layouts), for CPUs without VNNI and for tests.
+    Unsigned offsets and one int32 expression per column let LLVM vectorize the column
+    loop (stride-4 byte loads become shuffles): 9 -> 80 GOPS at 128x768x768 here."""
     for i in range(rows * TILE_COLS):
         tile[i] = 0
-    step = b_off
+    step = _U(b_off)
+    ucols = _U(TILE_COLS)
     for t in range(taps.shape[0]):
         for q in range(c4):
             for r in range(rows):
-                base = row_off[r] + taps[t] + a_step * q
+                base = _U(row_off[r] + taps[t] + a_step * q)
                 a0 = np.int32(a[base])
-                a1 = np.int32(a[base + 1])
-                a2 = np.int32(a[base + 2])
-                a3 = np.int32(a[base + 3])
-                for j in range(TILE_COLS):
-                    p = step + 4 * j
-                    s = (
-                        a0 * np.int32(b[p])
-                        + a1 * np.int32(b[p + 1])
-                        + a2 * np.int32(b[p + 2])
-                        + a3 * np.int32(b[p + 3])
-                    )
-                    tile[r * TILE_COLS + j] += np.int32(s)
-            step += TILE_COLS * 4
+                a1 = np.int32(a[base + _U(1)])
+                a2 = np.int32(a[base + _U(2)])
+                a3 = np.int32(a[base + _U(3)])
+                trow = _U(r) * ucols
+                for j in range(ucols):
+                    p = step + _U(4) * j
+                    tile[trow + j] += (a0 * np.int32(b[p]) + a1 * np.int32(b[p + _U(1)])
+                                       + a2 * np.int32(b[p + _U(2)])
+                                       + a3 * np.int32(b[p + _U(3)]))
+            step += ucols * _U(4)
 
 
 @njit(inline="always", **JIT)
