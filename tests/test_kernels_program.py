@@ -5,6 +5,7 @@ QLinearConv)."""
 from __future__ import annotations
 
 import numpy as np
+from _replay_kernels import add_one
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
@@ -15,16 +16,6 @@ from qlinear.runtime.kernels.config import JIT
 from qlinear.runtime.kernels.parallel import claim, run_tasks
 from qlinear.runtime.kernels.program import NativeProgram, Replayed
 from qlinear.runtime.registry import NodeSpec, lookup
-
-
-@njit(**JIT)
-def _add_one(counters, x, out):  # pragma: no cover
-    while True:
-        t = claim(counters)
-        if t >= 1:
-            break
-        for i in range(x.shape[0]):
-            out[i] = x[i] + 1
 
 
 @njit(**JIT)
@@ -49,7 +40,7 @@ def test_outputs_and_inputs_are_patched_to_each_replays_arrays():
     x = np.arange(64, dtype=np.uint8)
     out = np.empty_like(x)
     with parallel.record_calls() as rec:
-        run_tasks(_add_one, 1, 1, x, out)
+        run_tasks(add_one, 1, 1, x, out)
     program = NativeProgram(rec.calls, [x, out])
     x2, out2 = np.full(64, 7, np.uint8), np.zeros(64, np.uint8)
     assert program.run((x2, out2))
@@ -58,12 +49,12 @@ def test_outputs_and_inputs_are_patched_to_each_replays_arrays():
 
 
 def test_a_replayed_function_falls_back_for_other_layouts_and_inner_calls_record():
-    def add_one(x):
+    def plus_one(x):
         out = np.empty(x.size, np.uint8)
-        run_tasks(_add_one, 1, 1, np.ascontiguousarray(x).reshape(-1), out)
+        run_tasks(add_one, 1, 1, np.ascontiguousarray(x).reshape(-1), out)
         return (out,)
 
-    inner = Replayed(add_one)
+    inner = Replayed(plus_one)
     outer = Replayed(lambda x: inner(x))
     x = np.arange(12, dtype=np.uint8)
     for _ in range(3):

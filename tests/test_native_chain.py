@@ -12,15 +12,14 @@ import threading
 
 import numpy as np
 import pytest
+from _replay_kernels import add_one
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from numba import njit
 from onnx import helper, numpy_helper
 
 from qlinear import Session
 from qlinear.runtime.kernels import parallel
-from qlinear.runtime.kernels.config import JIT
-from qlinear.runtime.kernels.parallel import claim, run_tasks
+from qlinear.runtime.kernels.parallel import run_tasks
 from qlinear.runtime.native_chain import Chain, plan_chains
 from qlinear.runtime.session import NodeExecutionError
 
@@ -172,19 +171,9 @@ def test_a_bad_input_still_names_the_node():
 # ------------------------------------------------------------------ the check
 
 
-@njit(**JIT)
-def _add_one(counters, x, out):  # pragma: no cover
-    while True:
-        t = claim(counters)
-        if t >= 1:
-            break
-        for i in range(x.shape[0]):
-            out[i] = x[i] + 1
-
-
 def _native_step(x):
     out = np.empty_like(x)
-    run_tasks(_add_one, 1, 1, x.reshape(-1), out.reshape(-1))
+    run_tasks(add_one, 1, 1, x.reshape(-1), out.reshape(-1))
     return out
 
 

@@ -17,9 +17,10 @@ values stay with the program and are reused by every replay. The words that poin
 the run's inputs and outputs are found by address and patched to the arrays of each
 replay, so inputs are read in place and outputs are fresh arrays.
 
-A program is only as right as its recording: `native_chain` checks each new one by
-replaying it on other inputs against the steps run normally, and keeps it only if every
-output byte matches.
+A program is only as right as its recording: `Replayed` checks each new one by
+replaying it on other inputs against the normal path, and keeps it only if every output
+byte matches. `Replayed` serves a single op's per-shape plan (QLinearMatMul, QLinearConv)
+and a session's chain of steps (`runtime.native_chain`).
 """
 
 from __future__ import annotations
@@ -333,7 +334,8 @@ class Replayed:
         """Replay on other inputs and compare with fn's result."""
         rng = np.random.default_rng(len(program.steps))
         others = tuple(_other_values(x, rng) for x in xs)
-        expected = self._fn(*others)
+        with parallel.record_calls():  # inner Replayed calls run their fn: no programs
+            expected = self._fn(*others)  # of their own for steps this one replays
         outs = tuple(_poisoned(shape, dtype) for shape, dtype in program.externals[len(xs):])
         if not program.run(tuple(a.reshape(-1).view(np.uint8) for a in (*others, *outs))):
             return "the replay raised"
