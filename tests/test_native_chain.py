@@ -224,3 +224,23 @@ def test_a_step_that_is_not_really_replayable_is_caught(second, reason):
         assert rejected == []
     else:
         assert len(rejected) == 1 and reason in rejected[0]
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet"])
+def test_an_optimized_cnn_runs_as_one_native_chain_from_its_float_input(name):
+    """Quantize (fused channels-last), convolutions, adds, pooling, the head GEMM and the
+    final dequantize: every step of the optimized zoo CNN is in one chain, and its replay
+    equals the step-by-step plan on new inputs."""
+    from qlinear import optimize, quantize, zoo
+
+    model = zoo.build(name, "small")
+    qdq = quantize(model, zoo.calibration_batches(name, model, n=2, batch=2))
+    int8 = optimize(qdq)
+    chained = Session(int8, optimize=False)
+    plain = Session(int8, optimize=False, _chains=False)
+    (chain,) = _chains(chained)
+    assert len(chained._steps) == 1 and chain.inputs == (chained.get_inputs()[0].name,)
+    for seed in range(3):
+        feeds = zoo.example_inputs(name, model, batch=2, seed=seed)
+        np.testing.assert_array_equal(chained.run(None, feeds)[0], plain.run(None, feeds)[0])
+    assert len(chain.replayed.programs) == 1 and chain.replayed.rejected == {}

@@ -311,4 +311,6 @@ def _quantize_channels_last_kernel(q: Step, t: Step, params: tuple[np.float32, n
             return t_kernel(q_kernel(x, q_consts[1], q_consts[2]))  # the graph, step by step
         return quantize_channels_last(x, scale, z, qmin, qmax, dtype)
 
+    # one run of native tasks: a CNN's native chain then starts at the float input
+    run.replayable = True
     return run

@@ -25,7 +25,7 @@ from numba import njit
 
 from qlinear.runtime.kernels.config import JIT
 from qlinear.runtime.kernels.lookup import lookup_bytes
-from qlinear.runtime.kernels.parallel import claim, finish, run_tasks
+from qlinear.runtime.kernels.parallel import claim, finish, run_tasks, unrecorded
 from qlinear.runtime.kernels.requant import ROUNDING_MAGIC, requantize_value
 
 #: Elements per claimed task: large enough that the atomic claim is noise.
@@ -598,9 +598,13 @@ def _gap_rows(x, zx_size, mult, zy, lo, hi, out):  # pragma: no cover
 
 
 @njit(**JIT)
-def _gap_channels_last(x, zx_size, mult, zy, lo, hi, acc, out):  # pragma: no cover
-    """x [N, size, C] -> out[N, C]."""
-    for n in range(x.shape[0]):
+def _gap_channels_last(counters, x, zx_size, mult, zy, lo, hi, out):  # pragma: no cover
+    """x [N, size, C] -> out[N, C], one image per task."""
+    acc = np.empty(x.shape[2], np.int32)
+    while True:
+        n = claim(counters)
+        if n >= x.shape[0]:
+            break
         for c in range(x.shape[2]):
             acc[c] = 0
         for k in range(x.shape[1]):
@@ -608,6 +612,7 @@ def _gap_channels_last(x, zx_size, mult, zy, lo, hi, acc, out):  # pragma: no co
                 acc[c] += np.int32(x[n, k, c])
         for c in range(x.shape[2]):
             out[n, c] = requantize_value(acc[c] - zx_size, mult, zy, lo, hi)
+        finish(counters)
 
 
 def qlinear_global_avg_pool(
@@ -621,12 +626,13 @@ def qlinear_global_avg_pool(
         n, c = x.shape[0], x.shape[-1]
         size = xc.size // max(n * c, 1)
         out = np.empty((n, c), x.dtype)
-        _gap_channels_last(xc.reshape(n, size, c), np.int32(zx * size), np.float32(mult),
-                           np.int32(zy), lo, hi, np.empty(c, np.int32), out)
+        run_tasks(_gap_channels_last, n, xc.size * ELEMENT_WORK, xc.reshape(n, size, c),
+                  np.int32(zx * size), np.float32(mult), np.int32(zy), lo, hi, out)
         return out.reshape((n,) + (1,) * (x.ndim - 2) + (c,))
     n, c = x.shape[0], x.shape[1]
     size = xc.size // max(n * c, 1)
     out = np.empty(n * c, x.dtype)
+    unrecorded()  # a serial pass outside run_tasks
     _gap_rows(xc.reshape(n * c, size), np.int32(zx * size), np.float32(mult), np.int32(zy),
               lo, hi, out)
     return out.reshape((n, c) + (1,) * (x.ndim - 2))

@@ -236,10 +236,12 @@ def _qlinear_global_average_pool(spec: NodeSpec) -> Kernel:
         mult = np.array([sx / np.float32(sy * np.float32(size))], np.float32)
         if x.dtype in _BYTES and x.ndim >= 2 and np.dtype(_out_dtype(y_zp, x.dtype)) == x.dtype:
             return qk.qlinear_global_avg_pool(x, channels_last, _zp(x_zp), mult[0], _zp(y_zp))
+        unrecorded()  # numpy, not native tasks
         acc = x.astype(np.int32).sum(axis=axes, keepdims=True, dtype=np.int32)
         acc -= np.int32(_zp(x_zp) * size)
         return _requantize(acc.reshape(-1, 1), mult, _zp(y_zp), x.dtype).reshape(acc.shape)
 
+    run.replayable = channels_last  # the channels-last byte path is one run of native tasks
     return run
 
 
@@ -342,4 +344,5 @@ def _qgemm(spec: NodeSpec) -> Kernel:
         return gemm(a2, _zp(a_zp), p, out_dtype=np.asarray(y_zp).dtype, bias=bias,
                     mult=scale, y_zp=_zp(y_zp))
 
+    run.replayable = fixed is not None  # packed constant weights: the GEMM's native tasks
     return run

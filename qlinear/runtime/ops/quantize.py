@@ -37,6 +37,7 @@ from qlinear.quant import (
 )
 from qlinear.quant.granularity import normalize_axis
 from qlinear.runtime.kernels import qelementwise as qk
+from qlinear.runtime.kernels.parallel import unrecorded
 from qlinear.runtime.registry import NodeSpec, register
 
 #: Integer types the single-pass kernels handle (|rounded value| < 2^22 after clamping).
@@ -186,7 +187,10 @@ def _dequantize_linear(spec: NodeSpec) -> Callable[..., np.ndarray]:
     def run(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None) -> np.ndarray:
         if (cached := fast_plans.get((x.shape, x.dtype))) is not None:
             y = qk.dequantize(x, *cached)
-            return y if final_dtype == np.float32 else y.astype(final_dtype, copy=False)
+            if final_dtype == np.float32:
+                return y
+            unrecorded()  # numpy's cast
+            return y.astype(final_dtype, copy=False)
         if zero_point is not None and np.asarray(zero_point).dtype != x.dtype:
             raise QuantParamsError(
                 f"{spec.describe()}: zero point dtype {np.asarray(zero_point).dtype} "
@@ -194,6 +198,7 @@ def _dequantize_linear(spec: NodeSpec) -> Callable[..., np.ndarray]:
             )
         qp, axis, pad = planner.plan(x.shape, scale, zero_point, x.dtype)
         if pad:
+            unrecorded()  # numpy
             y = dequantize_affine(_pad_axis(x, axis, pad), qp)
             y = y.take(np.arange(x.shape[axis]), axis=axis)
         elif x.dtype == qp.dtype and (fast := _fast_layout(qp, x.shape)) is not None:
@@ -201,6 +206,7 @@ def _dequantize_linear(spec: NodeSpec) -> Callable[..., np.ndarray]:
             if planner.constant and final_dtype is not None:
                 fast_plans[(x.shape, x.dtype)] = fast  # checks above passed for this dtype
         else:
+            unrecorded()  # numpy
             y = dequantize_affine(x, qp)
         return y.astype(out_dtype or np.asarray(scale).dtype, copy=False)
 
@@ -214,6 +220,8 @@ def _dequantize_linear(spec: NodeSpec) -> Callable[..., np.ndarray]:
             return folded
 
         return run_folded
+    # constant parameters: per-tensor/per-axis bytes dequantize in one run of native tasks
+    run.replayable = planner.constant
     return run
 
 

@@ -105,6 +105,7 @@ def _flatten(spec: NodeSpec) -> Kernel:
         a = axis + x.ndim if axis < 0 else axis
         return x.reshape(math.prod(x.shape[:a]), math.prod(x.shape[a:]))
 
+    run.replayable = True  # a view: nothing to record, a chain's consumers read its buffer
     return run
 
 
