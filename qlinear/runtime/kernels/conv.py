@@ -533,6 +533,18 @@ def _nhwc_rows(counters, x, flip, fill, chan_dst, pt, pl, sh, sw, out):
         finish(counters)
 
 
+@njit(inline="always", **JIT)
+def _nchw_task(task, blocks, cblocks, pix, ch):  # pragma: no cover
+    """(image, channel range, pixel range) of one task of the channels-last -> NCHW
+    transposes: NCHW_BLOCK pixels x NCHW_CHANNELS channels."""
+    bi = task // (blocks * cblocks)
+    rest = task - bi * blocks * cblocks
+    pb = rest // cblocks
+    c_lo = (rest - pb * cblocks) * NCHW_CHANNELS
+    p_lo = pb * NCHW_BLOCK
+    return bi, c_lo, min(ch, c_lo + NCHW_CHANNELS), p_lo, min(pix, p_lo + NCHW_BLOCK)
+
+
 @njit(**JIT)
 def _rows_to_nchw(counters, src, dst):
     """dst[b, c, p] = src[b, p, c], NCHW_BLOCK pixels x NCHW_CHANNELS channels per task,
@@ -549,13 +561,7 @@ def _rows_to_nchw(counters, src, dst):
         task = claim(counters)
         if task >= ntasks:
             break
-        bi = task // (blocks * cblocks)
-        rest = task - bi * blocks * cblocks
-        pb = rest // cblocks
-        c_lo = (rest - pb * cblocks) * NCHW_CHANNELS
-        c_hi = min(ch, c_lo + NCHW_CHANNELS)
-        p_start = pb * NCHW_BLOCK
-        p_end = min(pix, p_start + NCHW_BLOCK)
+        bi, c_lo, c_hi, p_start, p_end = _nchw_task(task, blocks, cblocks, pix, ch)
         for c0 in range(c_lo, c_hi, 16):
             cn = min(16, c_hi - c0)
             for p0 in range(p_start, p_end, 16):
@@ -633,13 +639,7 @@ def _rows_to_nchw_blocks(counters, src, dst):  # pragma: no cover
         task = claim(counters)
         if task >= ntasks:
             break
-        bi = task // (blocks * cblocks)
-        rest = task - bi * blocks * cblocks
-        pblock = rest // cblocks
-        c_lo = (rest - pblock * cblocks) * NCHW_CHANNELS
-        c_hi = min(ch, c_lo + NCHW_CHANNELS)
-        p_lo = pblock * NCHW_BLOCK
-        p_hi = min(pix, p_lo + NCHW_BLOCK)
+        bi, c_lo, c_hi, p_lo, p_hi = _nchw_task(task, blocks, cblocks, pix, ch)
         for c0 in range(c_lo, c_hi, 16):
             p0 = p_lo
             while p0 < p_hi:
