@@ -388,6 +388,18 @@ def _transpose8x8(r0, r1, r2, r3, r4, r5, r6, r7):
     return r0, r1, r2, r3, r4, r5, r6, r7
 
 
+@njit(inline="always", **JIT)
+def _fill_border(of, base, wp, cpix, fill, lo, hi):  # pragma: no cover
+    """Pixels of one padded channels-last row (flat offset `base`, `cpix` elements per
+    pixel, both unsigned) outside columns [lo, hi) get `fill`: the padding border."""
+    o = base
+    for j in range(wp):
+        if not lo <= j < hi:
+            for k in range(cpix):
+                of[o + k] = fill[k]
+        o += cpix
+
+
 @njit(**JIT)
 def _nhwc_rows_words(counters, x64, flip, fill, pt, pl, out64):
     """Fast `_nhwc_rows` for dense channels, C % 8 == 0 and W % 8 == 0: 8 x 8 byte blocks
@@ -407,12 +419,7 @@ def _nhwc_rows_words(counters, x64, flip, fill, pt, pl, out64):
         base = _U(bi * hp + r) * _U(wp) * uc8
         ih = r - pt
         inside = 0 <= ih < h
-        for j in range(wp):
-            if inside and pl <= j < pl + w8 * 8:
-                continue
-            o = base + _U(j) * uc8
-            for k in range(uc8):
-                of[o + k] = fill[k]
+        _fill_border(of, base, wp, uc8, fill, pl, pl + w8 * 8 if inside else pl)
         if inside:
             plane = _U(h * w8)
             for cb in range(c8):
@@ -462,12 +469,7 @@ def _nhwc_rows_blocks(counters, x, flip, fill, pt, pl, out):  # pragma: no cover
         base = (bi * hp + r) * wp * cpix
         ih = r - pt
         inside = 0 <= ih < h
-        for j in range(wp):
-            if inside and pl <= j < pl + w:
-                continue
-            o = base + j * cpix
-            for k in range(cpix):
-                of[o + k] = fill[k]
+        _fill_border(of, _U(base), wp, _U(cpix), fill, pl, pl + w if inside else pl)
         if inside:
             for cb in range(0, c_in, 16):
                 src = ((bi * c_in + cb) * h + ih) * w
@@ -513,12 +515,7 @@ def _nhwc_rows(counters, x, flip, fill, chan_dst, pt, pl, sh, sw, out):
         base = _U(bi * hp + r) * _U(wp) * ucpix
         ih = r * sh - pt
         inside = 0 <= ih < h
-        for j in range(wp):
-            if inside and dense and pl <= j < pl + wv:
-                continue
-            o = base + _U(j) * ucpix
-            for k in range(ucpix):
-                of[o + k] = fill[k]
+        _fill_border(of, base, wp, ucpix, fill, pl, pl + wv if inside and dense else pl)
         if inside:
             for c0 in range(0, c_in, 16):
                 cn = min(16, c_in - c0)

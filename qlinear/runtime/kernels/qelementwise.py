@@ -27,6 +27,7 @@ from qlinear.runtime.kernels.config import JIT
 from qlinear.runtime.kernels.lookup import lookup_bytes
 from qlinear.runtime.kernels.parallel import claim, finish, run_tasks, unrecorded
 from qlinear.runtime.kernels.requant import ROUNDING_MAGIC, requantize_value
+from qlinear.runtime.kernels.transpose import span_task
 
 #: Elements per claimed task: large enough that the atomic claim is noise.
 CHUNK = 1 << 15
@@ -174,9 +175,7 @@ def _quantize_interleaved(counters, x, s, zp, qmin, qmax, span, out):  # pragma:
         t = claim(counters)
         if t >= nb * per_image:
             break
-        b = t // per_image
-        p0 = (t - b * per_image) * span
-        p1 = min(size, p0 + span)
+        b, p0, p1 = span_task(t, per_image, span, size)
         n = p1 - p0
         dst = out[b, p0 * c_n : p1 * c_n]
         if c_n == 1:  # the same bytes in both layouts
@@ -214,9 +213,7 @@ def _quantize_scattered(counters, x, s, zp, qmin, qmax, span, out):  # pragma: n
         t = claim(counters)
         if t >= nb * per_image:
             break
-        b = t // per_image
-        p0 = (t - b * per_image) * span
-        p1 = min(size, p0 + span)
+        b, p0, p1 = span_task(t, per_image, span, size)
         n = p1 - p0
         dst = out[b, p0 * c_n : p1 * c_n]
         for c in range(c_n):

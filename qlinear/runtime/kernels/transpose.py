@@ -25,6 +25,15 @@ _SPAN = 1 << 14
 _ELEMENT_WORK = 32
 
 
+@njit(inline="always", **JIT)
+def span_task(t, per_image, span, size):  # pragma: no cover
+    """(image, first, end position) of task t of a planes -> channels-last kernel that
+    splits each image's `size` positions into spans."""
+    b = t // per_image
+    lo = (t - b * per_image) * span
+    return b, lo, min(size, lo + span)
+
+
 @njit(**JIT)
 def _planes_to_last(counters, x, out, span):  # pragma: no cover
     nb, c_n, size = x.shape
@@ -33,9 +42,7 @@ def _planes_to_last(counters, x, out, span):  # pragma: no cover
         t = claim(counters)
         if t >= nb * per_image:
             break
-        b = t // per_image
-        lo = (t - b * per_image) * span
-        hi = min(size, lo + span)
+        b, lo, hi = span_task(t, per_image, span, size)
         dst = out[b, lo:hi]
         for c in range(c_n):
             plane = x[b, c, lo:hi]
