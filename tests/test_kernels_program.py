@@ -129,3 +129,25 @@ def test_a_replayed_nchw_qlinear_conv_is_bit_exact(kind, c, k, stride, pad, hw, 
         fresh, fresh_params = _qlinear_conv_op(c, c_out, group, k, stride, pad, act,
                                                np.random.default_rng(seed))
         np.testing.assert_array_equal(op(x, *params), fresh(x, *fresh_params))
+
+
+def test_recording_while_another_thread_records_does_not_hold_the_lock(monkeypatch):
+    """Regression: a thread that found another one recording kept the recording lock
+    while its own code ran, so a nested record_calls (a Replayed checking its program)
+    blocked on that lock for ever. A session run from three threads hung in CI."""
+    import threading
+
+    monkeypatch.setattr(parallel, "_record_lock", threading.Lock())  # a hang holds only this
+    monkeypatch.setattr(parallel, "_recording", parallel.Recording())  # another thread's
+    monkeypatch.setattr(parallel, "_recording_thread", -1)
+    seen: list[bool] = []
+
+    def nested() -> None:
+        with parallel.record_calls() as outer, parallel.record_calls() as inner:
+            seen.extend([outer.active, inner.active])
+
+    t = threading.Thread(target=nested, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    assert seen == [False, False]

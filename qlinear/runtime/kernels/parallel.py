@@ -465,12 +465,14 @@ def record_calls() -> Iterator[Recording]:
     the calls still run. One recording at a time per process (others run unrecorded)."""
     global _recording, _recording_thread
     rec = Recording()
-    with _record_lock:
-        if _recording is not None:
-            rec.complete = rec.active = False
-            yield rec
-            return
-        _recording, _recording_thread = rec, threading.get_ident()
+    with _record_lock:  # held only to claim the slot: the caller's code may record again
+        busy = _recording is not None
+        if not busy:
+            _recording, _recording_thread = rec, threading.get_ident()
+    if busy:
+        rec.complete = rec.active = False
+        yield rec
+        return
     try:
         yield rec
     finally:
